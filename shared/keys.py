@@ -1,0 +1,71 @@
+"""Every Redis key, stream and channel name, in one place.
+
+Session keys share a ``{session_id}`` hash tag so the publish script touches one cluster slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Consumer group every worker of a model joins on that model's jobs stream.
+JOBS_GROUP = "workers"
+#: Field of a jobs-stream entry that holds the encoded job (JSON text or msgpack).
+JOB_FIELD = "job"
+#: Field of a history-stream entry that holds the published event (JSON).
+HISTORY_FIELD = "e"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "tokenbus"
+
+    # Intake
+    def jobs_stream(self, model: str) -> str:
+        return f"{self.prefix}:jobs:{model}"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def control(self) -> str:
+        """Stream of control entries (cancel) that every worker reads."""
+        return f"{self.prefix}:control"
+
+    # Jobs
+    def job(self, job_id: str) -> str:
+        """Hash: state, attempts, worker, session, model, timestamps."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_text(self, session_id: str, job_id: str) -> str:
+        """String: answer text published so far (lets a later attempt continue it)."""
+        return f"{self.prefix}:session:{{{session_id}}}:text:{job_id}"
+
+    # Sessions
+    def session_meta(self, session_id: str) -> str:
+        """Hash: epoch, offset (the last one published)."""
+        return f"{self.prefix}:session:{{{session_id}}}:meta"
+
+    def session_history(self, session_id: str) -> str:
+        """Stream: published events; entry id ``<offset>-0``."""
+        return f"{self.prefix}:session:{{{session_id}}}:history"
+
+    def session_channel(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{{{session_id}}}:events"
+
+    def session_id_of_channel(self, channel: str) -> str:
+        start = channel.index("{") + 1
+        return channel[start : channel.index("}", start)]
+
+    # Workers and gateway
+    @property
+    def models(self) -> str:
+        """Sorted set: model -> unix time a live worker last announced it."""
+        return f"{self.prefix}:models"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def secret(self) -> str:
+        return f"{self.prefix}:secret"

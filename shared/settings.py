@@ -1,0 +1,86 @@
+"""Settings, read from environment variables prefixed ``TOKENBUS_`` (``REDIS_URL`` also works).
+
+Every field below is one variable: ``batch_window_ms`` is ``TOKENBUS_BATCH_WINDOW_MS``.
+The README's settings table is generated from the descriptions here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENBUS_", extra="ignore")
+
+    # Redis
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("TOKENBUS_REDIS_URL", "REDIS_URL"),
+        description="Redis to use (REDIS_URL is read too).",
+    )
+    key_prefix: str = Field("tokenbus", description="Prefix of every Redis key and channel.")
+
+    # Security
+    secret: str = Field(
+        "",
+        description="Key that signs session tokens. Empty: one is generated once and kept in "
+        "Redis, so every gateway sharing that Redis agrees.",
+    )
+
+    # Gateway
+    host: str = Field("127.0.0.1", description="Gateway listen address.")
+    port: int = Field(8000, description="Gateway listen port.")
+    public_url: str = Field(
+        "", description="Base URL clients use to reach the gateway (default: from the request)."
+    )
+    default_model: str = Field("synthetic", description="Model used when a request names none.")
+    max_queue_depth: int = Field(
+        10_000, description="Jobs waiting in a model's stream beyond which intake answers 429."
+    )
+    client_queue_events: int = Field(
+        1024, description="Events a client may have queued before it is dropped as too slow."
+    )
+    client_queue_bytes: int = Field(
+        1 << 20, description="Bytes a client may have queued before it is dropped as too slow."
+    )
+    keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
+    max_message_bytes: int = Field(1 << 20, description="Largest WebSocket message accepted.")
+
+    # Limits shared by intake paths
+    max_prompt_chars: int = Field(100_000, description="Longest prompt (all messages) accepted.")
+    max_tokens_limit: int = Field(32_768, description="Largest max_tokens a job may ask for.")
+    default_max_tokens: int = Field(256, description="max_tokens when a job names none.")
+
+    # Streams, history and records
+    jobs_maxlen: int = Field(100_000, description="Approximate cap on each jobs stream.")
+    dead_maxlen: int = Field(10_000, description="Approximate cap on the dead-letter stream.")
+    history_maxlen: int = Field(2_000, description="Events kept per session history stream.")
+    history_ttl_s: int = Field(
+        3_600, description="Seconds a session history lives after its last event."
+    )
+    job_ttl_s: int = Field(86_400, description="Seconds a job record lives after its last change.")
+    max_attempts: int = Field(3, description="Attempts before a job is dead-lettered.")
+
+    # Workers
+    model: str = Field("synthetic", description="Model (and jobs stream) a worker serves.")
+    engine: str = Field("synthetic", description="Engine a worker runs: synthetic.")
+    worker_slots: int = Field(64, description="Jobs a worker runs at once.")
+    worker_id: str = Field("", description="Consumer name of a worker (default: host-pid).")
+    batch_window_ms: float = Field(
+        15.0, description="Window over which deltas after the first are coalesced."
+    )
+    block_ms: int = Field(2_000, description="XREADGROUP BLOCK time of a worker.")
+    heartbeat_s: float = Field(5.0, description="Seconds between worker heartbeats.")
+
+    # Synthetic engine
+    synthetic_ttft_ms: float = Field(50.0, description="Synthetic engine: time to first token.")
+    synthetic_tokens_per_s: float = Field(100.0, description="Synthetic engine: tokens per second.")
+    synthetic_tokens: int = Field(64, description="Synthetic engine: answer length in tokens.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
