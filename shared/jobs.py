@@ -89,7 +89,11 @@ async def get_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:
 
 
 async def request_cancel(redis: Redis, keys: Keys, job_id: str, *, reason: str = "client") -> None:
-    """Ask whichever worker holds ``job_id`` to stop it (any service may write this entry)."""
+    """Ask whichever worker holds ``job_id`` to stop it (any service may write this entry).
+
+    The flag on the record stops a job still queued: a worker checks it before running one.
+    """
+    await redis.hset(keys.job(job_id), "cancel_requested", reason)
     await redis.xadd(
         keys.control,
         {"action": "cancel", "job_id": job_id, "reason": reason},
