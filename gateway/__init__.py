@@ -1,0 +1,1 @@
+"""The gateway: stateless aiohttp app that owns client connections and nothing else."""

@@ -1,0 +1,169 @@
+"""The aiohttp application: sessions, jobs, WebSocket, SSE and health routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from gateway import sse, ws
+from gateway.errors import ApiError, from_validation
+from gateway.history import History
+from gateway.hub import Hub
+from gateway.intake import Intake
+from gateway.requests import PromptRequest
+from gateway.state import GATEWAY, Gateway, bearer
+from shared.jobs import TERMINAL_STATES, get_record, request_cancel
+from shared.keys import Keys
+from shared.logs import log
+from shared.protocol import new_id
+from shared.redis_client import connect
+from shared.settings import Settings
+from shared.tokens import shared_secret
+
+logger = logging.getLogger("tokenbus.gateway")
+
+
+def _base_urls(request: web.Request, settings: Settings) -> tuple[str, str]:
+    base = settings.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+    return base, "ws" + base[4:] if base.startswith("http") else base
+
+
+async def _json_body(request: web.Request) -> object:
+    if not request.can_read_body:
+        return {}
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except RedisError as exc:
+        log(logger, "redis_error", logging.ERROR, path=request.path, error=str(exc))
+        return ApiError(503, "redis_unavailable", "the broker is unreachable; retry").response()
+
+
+async def create_session(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    session_id = new_id("s_")
+    token = gw.token(session_id)
+    base, ws_base = _base_urls(request, gw.settings)
+    log(logger, "session_created", session=session_id)
+    return web.json_response(
+        {
+            "session_id": session_id,
+            "token": token,
+            "ws_url": f"{ws_base}/v1/ws?" + urlencode({"session_id": session_id, "token": token}),
+            "sse_url": f"{base}/v1/sessions/{session_id}/events?" + urlencode({"token": token}),
+            "jobs_url": f"{base}/v1/sessions/{session_id}/jobs",
+        },
+        status=201,
+    )
+
+
+async def create_job(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    session_id = request.match_info["session_id"]
+    gw.authorize(session_id, bearer(request))
+    body = await _json_body(request)
+    try:
+        prompt = PromptRequest.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+    job = await gw.intake.submit(session_id, prompt)
+    log(logger, "job_enqueued", session=session_id, job=job.id, model=job.model)
+    return web.json_response(
+        {"job_id": job.id, "session_id": session_id, "model": job.model, "state": "queued"},
+        status=202,
+    )
+
+
+async def _job_record(request: web.Request) -> tuple[Gateway, str, dict[str, str]]:
+    gw = request.app[GATEWAY]
+    session_id, job_id = request.match_info["session_id"], request.match_info["job_id"]
+    gw.authorize(session_id, bearer(request))
+    record = await get_record(gw.redis, gw.keys, job_id)
+    if record.get("session_id") != session_id:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r} on this session")
+    return gw, job_id, record
+
+
+async def get_job(request: web.Request) -> web.Response:
+    _, job_id, record = await _job_record(request)
+    return web.json_response({"job_id": job_id, **record})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    gw, job_id, record = await _job_record(request)
+    if record.get("state") in TERMINAL_STATES:
+        return web.json_response({"job_id": job_id, "state": record["state"]})
+    await request_cancel(gw.redis, gw.keys, job_id, reason="http")
+    log(logger, "job_cancel_requested", job=job_id)
+    return web.json_response({"job_id": job_id, "state": "cancelling"}, status=202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        redis_ok = bool(await gw.redis.ping())
+    except RedisError:
+        redis_ok = False
+    ready = redis_ok and gw.hub.alive
+    body = {
+        "status": "ready" if ready else "unavailable",
+        "redis": redis_ok,
+        "subscriber": gw.hub.alive,
+        "channels": gw.hub.channels,
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[api_errors], client_max_size=settings.max_message_bytes)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        keys = Keys(settings.key_prefix)
+        redis = connect(settings)
+        hub = Hub(connect(settings))
+        await hub.start()
+        secret = await shared_secret(redis, keys, settings.secret)
+        app[GATEWAY] = Gateway(
+            settings=settings,
+            keys=keys,
+            redis=redis,
+            hub=hub,
+            history=History(redis, keys),
+            intake=Intake(redis, keys, settings),
+            secret=secret,
+        )
+        log(logger, "gateway_ready", redis=settings.redis_url, prefix=settings.key_prefix)
+        yield
+        await hub.close()
+        await redis.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/sessions", create_session)
+    app.router.add_post("/v1/sessions/{session_id}/jobs", create_job)
+    app.router.add_get("/v1/sessions/{session_id}/jobs/{job_id}", get_job)
+    app.router.add_delete("/v1/sessions/{session_id}/jobs/{job_id}", cancel_job)
+    app.router.add_get("/v1/sessions/{session_id}/events", sse.session_events)
+    app.router.add_get("/v1/ws", ws.websocket)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

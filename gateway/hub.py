@@ -1,0 +1,202 @@
+"""One Redis pub/sub connection per gateway process, multiplexing every session channel.
+
+Channels are reference-counted: the first subscriber of a channel subscribes it, the last one
+to leave unsubscribes it. ``attach`` returns only once Redis has confirmed the subscription, so a
+subscriber that reads history afterwards cannot miss an event published in between. After a
+lost connection every channel is subscribed again and its subscribers told to catch up from
+history, since anything published meanwhile never reached us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.codec import decode_event
+from shared.logs import log
+from shared.protocol import EventDict
+
+logger = logging.getLogger("tokenbus.gateway.hub")
+
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+class Subscriber(Protocol):
+    def on_event(self, event: EventDict, raw: str) -> None:
+        """A live event from the channel (called on the hub's reader task: must not block)."""
+
+    def on_resubscribed(self) -> None:
+        """The connection was lost and is back: events may have been missed."""
+
+
+def _name(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Hub:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._pubsub: PubSub | None = None
+        self._subscribers: dict[str, set[Subscriber]] = {}
+        self._ready: dict[str, asyncio.Future[None]] = {}
+        self._unacked: dict[
+            str, int
+        ] = {}  # SUBSCRIBE commands sent, per channel, not yet confirmed
+        self._recovering: set[str] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self.connected = False
+        self.messages = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.connected and self._reader is not None and not self._reader.done()
+
+    @property
+    def channels(self) -> int:
+        return len(self._subscribers)
+
+    async def start(self) -> None:
+        await self._connect()
+        self._reader = asyncio.create_task(self._read_loop(), name="hub-reader")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        for fut in self._ready.values():
+            if not fut.done():
+                fut.cancel()
+
+    async def attach(self, channel: str, subscriber: Subscriber) -> None:
+        """Add ``subscriber`` to ``channel``; returns once the channel is subscribed."""
+        subs = self._subscribers.get(channel)
+        if subs is None:
+            subs = self._subscribers[channel] = set()
+            self._ready[channel] = asyncio.get_running_loop().create_future()
+            await self._send_subscribe(channel)
+        subs.add(subscriber)
+        ready = self._ready[channel]
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT_S)
+        except BaseException:
+            self.detach(channel, subscriber)
+            raise
+
+    def detach(self, channel: str, subscriber: Subscriber) -> None:
+        subs = self._subscribers.get(channel)
+        if subs is None:
+            return
+        subs.discard(subscriber)
+        if not subs:
+            del self._subscribers[channel]
+            ready = self._ready.pop(channel)
+            if not ready.done():
+                ready.cancel()
+            self._recovering.discard(channel)
+            if self._pubsub is not None and self.connected:
+                task = asyncio.create_task(self._unsubscribe(channel))
+                task.add_done_callback(_log_failure)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if self._pubsub is not None and channel not in self._subscribers:
+            await self._pubsub.unsubscribe(channel)
+
+    async def _send_subscribe(self, channel: str) -> None:
+        self._unacked[channel] = self._unacked.get(channel, 0) + 1
+        if self._pubsub is not None and self.connected:
+            await self._pubsub.subscribe(channel)
+        # Not connected: the reader subscribes every channel when it reconnects.
+
+    async def _connect(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        self._unacked = {}
+        # A pub/sub connection only exists once something is subscribed; this one always is.
+        keepalive = "__tokenbus_hub__"
+        self._unacked[keepalive] = 1
+        channels = [keepalive, *self._subscribers]
+        for channel in self._subscribers:
+            self._unacked[channel] = 1
+        await self._pubsub.subscribe(*channels)
+        self.connected = True
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if not self.connected:
+                    await self._reconnect()
+                    backoff = 0.05
+                assert self._pubsub is not None
+                message = await self._pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self.connected:
+                    log(
+                        logger,
+                        "pubsub_lost",
+                        logging.WARNING,
+                        error=str(exc),
+                        channels=self.channels,
+                    )
+                self.connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:
+                logger.exception("pubsub reader error")
+                await asyncio.sleep(0.1)
+
+    async def _reconnect(self) -> None:
+        old, self._pubsub = self._pubsub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.aclose()  # type: ignore[no-untyped-call]
+        self._recovering = set(self._subscribers)
+        await self._connect()
+        log(logger, "pubsub_reconnected", channels=self.channels)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = _name(message.get("type"))
+        channel = _name(message.get("channel"))
+        if kind == "message":
+            subs = self._subscribers.get(channel)
+            if not subs:
+                return
+            self.messages += 1
+            raw = _name(message["data"])
+            try:
+                event = decode_event(raw)
+            except ValueError:
+                log(logger, "bad_channel_message", logging.WARNING, channel=channel)
+                return
+            for sub in tuple(subs):
+                sub.on_event(event, raw)
+        elif kind == "subscribe":
+            left = self._unacked.get(channel, 1) - 1
+            self._unacked[channel] = left
+            if left > 0:
+                return
+            ready = self._ready.get(channel)
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+            if channel in self._recovering:
+                self._recovering.discard(channel)
+                for sub in tuple(self._subscribers.get(channel, ())):
+                    sub.on_resubscribed()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log(logger, "unsubscribe_failed", logging.WARNING, error=str(task.exception()))

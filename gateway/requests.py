@@ -1,0 +1,48 @@
+"""Request bodies the gateway accepts, and their translation into jobs."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.protocol import ChatMessage, DisconnectPolicy, Job, SamplingParams
+
+
+class PromptRequest(BaseModel):
+    """Body of ``POST /v1/sessions/{id}/jobs`` and of a WebSocket ``prompt`` message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["prompt"] | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    model: str | None = Field(None, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    on_disconnect: DisconnectPolicy = "continue"
+    timeout_s: float | None = Field(None, gt=0, description="Drop the job if not started by then.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    def to_job(self, session_id: str, model: str) -> Job:
+        """Raises pydantic's ValidationError when the job would be invalid (e.g. no prompt)."""
+        return Job(
+            session_id=session_id,
+            model=model,
+            prompt=self.prompt,
+            messages=self.messages,
+            sampling=SamplingParams(
+                temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop
+            ),
+            max_tokens=self.max_tokens,
+            on_disconnect=self.on_disconnect,
+            deadline=time.time() + self.timeout_s if self.timeout_s else None,
+        )

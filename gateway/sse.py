@@ -1,0 +1,81 @@
+"""Server-Sent Events: ``id:`` is the resume position, ``Last-Event-ID`` resumes."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from gateway.errors import ApiError
+from gateway.outbox import SLOW_CONSUMER
+from gateway.state import GATEWAY, bearer, format_position, parse_position
+from shared.logs import log
+
+logger = logging.getLogger("tokenbus.gateway.sse")
+
+HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+    "Connection": "keep-alive",
+}
+RETRY_MS = 1000
+_BATCH = 64
+
+
+async def session_events(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    session_id = request.match_info["session_id"]
+    try:
+        gw.authorize(session_id, bearer(request))
+        last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        epoch, offset = parse_position(last) if last else (None, 0)
+    except ApiError as exc:
+        return exc.response()
+
+    outbox = gw.outbox()
+    subscription = gw.subscription(session_id, outbox, epoch=epoch, offset=offset)
+    response = web.StreamResponse(headers=HEADERS)
+    await response.prepare(request)
+    await response.write(f"retry: {RETRY_MS}\n\n".encode())
+    log(logger, "sse_open", session=session_id, epoch=epoch, offset=offset)
+    try:
+        await subscription.start()
+        while True:
+            item = await outbox.get(wait_s=gw.settings.keepalive_s)
+            if item is None:
+                if outbox.closed is None:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                code = outbox.closed
+                message = (
+                    "client too slow; reconnect with Last-Event-ID to resume"
+                    if code == SLOW_CONSUMER
+                    else "session history unavailable; reconnect to resume"
+                )
+                await response.write(
+                    f'data: {{"type":"error","code":"{code}","message":"{message}"}}\n\n'.encode()
+                )
+                log(logger, "sse_dropped", logging.WARNING, session=session_id, reason=code)
+                break
+            chunks = []
+            for out in (item, *outbox.take_ready(_BATCH)):
+                event = out.event
+                if "offset" in event:
+                    position = format_position(event.get("epoch"), int(event["offset"]))
+                    chunks.append(f"id: {position}\ndata: {out.text()}\n\n")
+                else:
+                    chunks.append(f"data: {out.text()}\n\n")
+            await response.write("".join(chunks).encode())
+    except (ConnectionResetError, ConnectionError):
+        pass
+    finally:
+        subscription.close()
+        log(
+            logger,
+            "sse_close",
+            session=session_id,
+            epoch=subscription.epoch,
+            offset=subscription.offset,
+        )
+    return response

@@ -1,0 +1,182 @@
+"""One client's view of one session: every event once, in order, or an explicit resync.
+
+Centrifugo's recipe: subscribe first and buffer live events, read history from the client's
+position, deliver it, then drain the buffer skipping what history already gave, then go live.
+A live event that is not the next offset means something was missed (a dropped pub/sub
+connection): buffer again and catch up from history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from gateway.history import History, Snapshot
+from gateway.hub import Hub
+from gateway.outbox import SLOW_CONSUMER, Outbox
+from shared.keys import Keys
+from shared.logs import log
+from shared.protocol import EventDict
+
+logger = logging.getLogger("tokenbus.gateway.subscription")
+
+UNAVAILABLE = "history_unavailable"
+Listener = Callable[[EventDict], None]
+
+
+def _first_offset(snap: Snapshot) -> int:
+    return int(snap.events[0][0]["offset"]) if snap.events else snap.offset + 1
+
+
+class SessionSubscription:
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        hub: Hub,
+        history: History,
+        keys: Keys,
+        outbox: Outbox,
+        epoch: str | None = None,
+        offset: int = 0,
+        listener: Listener | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.channel = keys.session_channel(session_id)
+        self.epoch = epoch
+        self.offset = offset
+        self.resyncs = 0
+        self._hub = hub
+        self._history = history
+        self._outbox = outbox
+        self._listener = listener
+        self._buffer: list[tuple[EventDict, str]] | None = []  # not None while catching up
+        self._again = False
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        await self._hub.attach(self.channel, self)
+        try:
+            await self._catch_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._hub.detach(self.channel, self)
+        if self._task is not None:
+            self._task.cancel()
+
+    # Hub callbacks
+    def on_event(self, event: EventDict, raw: str) -> None:
+        if self._buffer is not None:
+            self._buffer.append((event, raw))
+            if len(self._buffer) > self._outbox.max_events:
+                self._outbox.close(SLOW_CONSUMER)
+            return
+        self._accept(event, raw)
+
+    def on_resubscribed(self) -> None:
+        self._start_catch_up()
+
+    # Internals
+    def _accept(self, event: EventDict, raw: str) -> None:
+        epoch, offset = event.get("epoch"), event.get("offset")
+        if not isinstance(offset, int) or not isinstance(epoch, str):
+            log(logger, "event_without_position", logging.WARNING, session=self.session_id)
+            return
+        if self.epoch == epoch and offset <= self.offset:
+            return  # already delivered
+        if offset == self.offset + 1 and self.epoch in (None, epoch):
+            self._deliver(event, raw)
+            return
+        # A gap or a new epoch: history knows what happened.
+        self._start_catch_up()
+        assert self._buffer is not None
+        self._buffer.append((event, raw))
+
+    def _deliver(self, event: EventDict, raw: str | None) -> None:
+        self.epoch = event.get("epoch", self.epoch)
+        self.offset = int(event["offset"])
+        self._outbox.put(event, raw)
+        if self._listener is not None:
+            self._listener(event)
+
+    def _resync(self, reason: str, epoch: str | None, offset: int) -> None:
+        self.resyncs += 1
+        event: dict[str, Any] = {"type": "resync", "reason": reason, "offset": offset}
+        if epoch is not None:
+            event["epoch"] = epoch
+        log(
+            logger,
+            "resync",
+            session=self.session_id,
+            reason=reason,
+            from_epoch=self.epoch,
+            from_offset=self.offset,
+            epoch=epoch,
+            offset=offset,
+        )
+        self.epoch, self.offset = epoch, offset
+        self._outbox.put(event)
+
+    def _start_catch_up(self) -> None:
+        if self._closed:
+            return
+        if self._buffer is None:
+            self._buffer = []
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.create_task(self._catch_up_guarded())
+
+    async def _catch_up_guarded(self) -> None:
+        try:
+            await self._catch_up()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log(logger, "catch_up_failed", logging.WARNING, session=self.session_id, error=str(exc))
+            self._outbox.close(UNAVAILABLE)
+
+    async def _catch_up(self) -> None:
+        while True:
+            self._again = False
+            await self._apply(await self._history.read(self.session_id, self.offset))
+            buffered, self._buffer = self._buffer or [], None
+            for event, raw in buffered:
+                self._accept(event, raw)
+            if not self._again and self._buffer is None:
+                return
+            if self._buffer is None:
+                self._buffer = []
+
+    async def _apply(self, snap: Snapshot) -> None:
+        if snap.epoch is None:
+            if self.epoch is not None or self.offset > 0:
+                self._resync("history_expired", None, 0)
+            return
+        stale = self.epoch is not None and snap.epoch != self.epoch
+        ahead = not stale and self.offset > snap.offset
+        if stale or ahead:
+            snap = await self._history.read(self.session_id, 0)
+            if snap.epoch is None:
+                self._resync("history_expired", None, 0)
+                return
+            self._resync(
+                "epoch_changed" if stale else "offset_ahead", snap.epoch, _first_offset(snap) - 1
+            )
+        else:
+            self.epoch = snap.epoch
+            first = _first_offset(snap)
+            if first > self.offset + 1:
+                self._resync("history_trimmed", snap.epoch, first - 1)
+        for event, raw in snap.events:
+            if int(event["offset"]) > self.offset:
+                self._deliver(event, raw)

@@ -1,0 +1,249 @@
+"""WebSocket ``/v1/ws``: an explicit state machine, AWAIT_CONNECT -> CONNECTED -> CLOSED.
+
+Client messages are JSON objects with a ``type`` (``prompt``, ``cancel``, ``ping``); the first
+one is ``{"session_id": ..., "connect": true}`` (token in it, or in the URL's query). Everything
+the server sends goes through the client's outbox, so one task writes, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import ApiError, from_validation
+from gateway.outbox import SLOW_CONSUMER
+from gateway.requests import PromptRequest
+from gateway.state import GATEWAY, Gateway, bearer
+from gateway.subscription import SessionSubscription
+from shared.jobs import get_record, request_cancel
+from shared.logs import log
+from shared.protocol import TERMINAL_TYPES, EventDict
+
+logger = logging.getLogger("tokenbus.gateway.ws")
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_SLOW_CONSUMER = 4008  # resume from your last offset
+CLOSE_UNAVAILABLE = 4011  # reconnect and resume
+
+
+class State(enum.Enum):
+    AWAIT_CONNECT = "await_connect"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class ConnectMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    session_id: str | None = Field(None, min_length=1, max_length=128)
+    token: str | None = None
+    offset: int = Field(0, ge=0, description="Last offset the client saw.")
+    epoch: str | None = None
+
+
+class CancelMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    job_id: str | None = None
+
+
+def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
+class Connection:
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.gw = gw
+        self.ws = ws
+        self.request = request
+        self.state = State.AWAIT_CONNECT
+        self.outbox = gw.outbox()
+        self.session_id: str | None = None
+        self.subscription: SessionSubscription | None = None
+        self.jobs: dict[str, str] = {}  # job id -> disconnect policy, until its terminal event
+        self._writer: asyncio.Task[None] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.outbox.put(message)
+
+    async def run(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop())
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self.send(_error("bad_frame", "binary frames are not accepted; send JSON text"))
+                else:
+                    break
+                if self.state is State.CLOSED:
+                    break
+        finally:
+            await self._cleanup()
+
+    async def _on_text(self, data: str) -> None:
+        try:
+            message = json.loads(data)
+        except json.JSONDecodeError as exc:
+            self.send(_error("bad_json", f"message is not JSON: {exc.msg}"))
+            return
+        if not isinstance(message, dict):
+            self.send(_error("bad_message", "message must be a JSON object"))
+            return
+        kind = message.get("type")
+        if message.get("connect") is True or kind == "connect":
+            await self._on_connect(message)
+        elif kind == "ping":
+            self.send({"type": "pong", **({"t": message["t"]} if "t" in message else {})})
+        elif self.state is not State.CONNECTED:
+            self.send(_error("not_connected", "send {'session_id': ..., 'connect': true} first"))
+        elif kind == "prompt":
+            await self._on_prompt(message)
+        elif kind == "cancel":
+            await self._on_cancel(message)
+        else:
+            self.send(
+                _error(
+                    "unknown_type",
+                    f"unknown message type {kind!r}; expected connect, prompt, cancel or ping",
+                )
+            )
+
+    async def _on_connect(self, message: dict[str, Any]) -> None:
+        if self.state is State.CONNECTED:
+            self.send(_error("already_connected", "this connection already follows a session"))
+            return
+        try:
+            connect = ConnectMessage.model_validate(message)
+        except ValidationError as exc:
+            self.send(from_validation(exc).event())
+            return
+        session_id = connect.session_id or self.request.query.get("session_id")
+        if not session_id:
+            self.send(_error("invalid_request", "session_id is required"))
+            return
+        try:
+            self.gw.authorize(session_id, connect.token or bearer(self.request))
+        except ApiError as exc:
+            self.send(exc.event())
+            log(logger, "ws_refused", logging.WARNING, session=session_id, code=exc.code)
+            await self._close(CLOSE_UNAUTHORIZED, exc.message)
+            return
+        self.session_id = session_id
+        self.state = State.CONNECTED
+        self.send(
+            {
+                "type": "connected",
+                "session_id": session_id,
+                "epoch": connect.epoch,
+                "offset": connect.offset,
+            }
+        )
+        self.subscription = self.gw.subscription(
+            session_id,
+            self.outbox,
+            epoch=connect.epoch,
+            offset=connect.offset,
+            listener=self._on_event,
+        )
+        try:
+            await self.subscription.start()
+        except Exception as exc:
+            log(logger, "ws_subscribe_failed", logging.WARNING, session=session_id, error=str(exc))
+            self.send(_error("unavailable", "could not follow the session; reconnect to resume"))
+            await self._close(CLOSE_UNAVAILABLE, "unavailable")
+            return
+        log(logger, "ws_connected", session=session_id, epoch=connect.epoch, offset=connect.offset)
+
+    async def _on_prompt(self, message: dict[str, Any]) -> None:
+        assert self.session_id is not None
+        ref = message.pop("ref", None)
+        echo = {"ref": ref} if ref is not None else {}
+        try:
+            request = PromptRequest.model_validate(message)
+            job = await self.gw.intake.submit(self.session_id, request)
+        except ValidationError as exc:
+            self.send({**from_validation(exc).event(), **echo})
+            return
+        except ApiError as exc:
+            self.send({**exc.event(), **echo})
+            return
+        self.jobs[job.id] = job.on_disconnect
+        self.send({"type": "queued", "job_id": job.id, "model": job.model, **echo})
+
+    async def _on_cancel(self, message: dict[str, Any]) -> None:
+        assert self.session_id is not None
+        try:
+            cancel = CancelMessage.model_validate(message)
+        except ValidationError as exc:
+            self.send(from_validation(exc).event())
+            return
+        targets = [cancel.job_id] if cancel.job_id else list(self.jobs)
+        for job_id in targets:
+            record = await get_record(self.gw.redis, self.gw.keys, job_id)
+            if record.get("session_id") != self.session_id:
+                self.send(_error("job_not_found", f"no job {job_id!r} on this session"))
+                continue
+            await request_cancel(self.gw.redis, self.gw.keys, job_id, reason="client")
+            self.send({"type": "cancelling", "job_id": job_id})
+
+    def _on_event(self, event: EventDict) -> None:
+        if event.get("type") in TERMINAL_TYPES:
+            self.jobs.pop(str(event.get("job_id")), None)
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self.outbox.get()
+            if item is None:
+                break
+            await self.ws.send_str(item.text())
+        reason = self.outbox.closed
+        if reason == SLOW_CONSUMER:
+            log(logger, "ws_dropped", logging.WARNING, session=self.session_id, reason=reason)
+            await self._close(CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last offset")
+        elif reason is not None and reason != "closing":
+            await self._close(CLOSE_UNAVAILABLE, reason)
+
+    async def _close(self, code: int, message: str) -> None:
+        self.state = State.CLOSED
+        # Let what is queued (the error explaining why) go out first.
+        if self._writer is not None and asyncio.current_task() is not self._writer:
+            self.outbox.close("closing")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._writer), 1.0)
+        await self.ws.close(code=code, message=message.encode()[:120])
+
+    async def _cleanup(self) -> None:
+        self.state = State.CLOSED
+        if self.subscription is not None:
+            self.subscription.close()
+        self.outbox.close("closing")
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._writer
+        for job_id, policy in self.jobs.items():
+            if policy == "cancel":
+                await request_cancel(self.gw.redis, self.gw.keys, job_id, reason="disconnect")
+        log(
+            logger,
+            "ws_closed",
+            session=self.session_id,
+            offset=self.subscription.offset if self.subscription else None,
+        )
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    gw = request.app[GATEWAY]
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=gw.settings.max_message_bytes)
+    await ws.prepare(request)
+    await Connection(gw, ws, request).run()
+    return ws
