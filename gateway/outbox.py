@@ -1,8 +1,9 @@
 """A client's bounded outgoing queue.
 
-Deltas of one job that pile up behind a slow client merge into one: the client still gets every
-character, under the later offset, and ``from_offset`` says where the merged run began. Past its limits the queue closes, and the connection is
-dropped with a code telling the client to resume: it never holds up anyone else.
+Deltas of one job that pile up behind a slow client merge into one: the client still gets
+every character, under the later offset, and ``from_offset`` says where the merged run began.
+Past its limits the queue closes and the connection is dropped with a code telling the client
+to resume: it never holds up anyone else.
 """
 
 from __future__ import annotations

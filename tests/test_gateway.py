@@ -109,8 +109,9 @@ async def test_resume_from_trimmed_history_gets_resync(
         pub = _publisher(redis, keys, settings)
         # Exact trimming: publish one event per call past a small MAXLEN ~ (trims whole nodes).
         await _publish_job(pub, sid, "j1", [f" x{i}" for i in range(300)])
-        meta = await redis.hgetall(keys.session_meta(sid))
-        epoch = meta[b"epoch"].decode()
+        raw_epoch = await redis.hget(keys.session_meta(sid), "epoch")
+        assert isinstance(raw_epoch, bytes)
+        epoch = raw_epoch.decode()
         events = await read_sse_until(
             http, session["sse_url"], headers={"Last-Event-ID": f"{epoch}:1"}
         )
@@ -284,8 +285,11 @@ async def test_lost_pubsub_connection_is_recovered_from_history(
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 async def test_health_endpoints(settings: Settings, path: str) -> None:
-    async with running_gateway(settings) as base, aiohttp.ClientSession() as http:
-        async with http.get(base + path) as response:
-            assert response.status == 200
-            body = await response.json()
-            assert body["status"] in ("ok", "ready")
+    async with (
+        running_gateway(settings) as base,
+        aiohttp.ClientSession() as http,
+        http.get(base + path) as response,
+    ):
+        assert response.status == 200
+        body = await response.json()
+        assert body["status"] in ("ok", "ready")
