@@ -22,6 +22,9 @@ class Settings(BaseSettings):
         description="Redis to use (REDIS_URL is read too).",
     )
     key_prefix: str = Field("tokenbus", description="Prefix of every Redis key and channel.")
+    redis_max_connections: int = Field(
+        64, description="Connections each process's pool may open (more wait their turn)."
+    )
 
     # Security
     secret: str = Field(

@@ -1,0 +1,45 @@
+"""``python -m workers``: one worker process, configured from ``TOKENBUS_*`` variables."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+
+from shared.logs import setup
+from shared.settings import Settings
+from workers.consumer import Worker
+
+
+async def serve(settings: Settings) -> None:
+    """Run a worker until SIGINT or SIGTERM, then let it drain and return."""
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, worker.request_stop)
+    try:
+        await worker.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def main() -> None:
+    setup(os.environ.get("TOKENBUS_LOG_LEVEL", "INFO").upper())
+    settings = Settings()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

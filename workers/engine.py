@@ -1,0 +1,54 @@
+"""The engine contract: what the worker needs from anything that turns a job into tokens."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.protocol import FinishReason, Job, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDelta:
+    """New answer text from an engine. The last delta of a request carries finish and usage."""
+
+    text: str
+    tokens: int  # tokens in this delta
+    t: float  # unix time the engine emitted it
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class EngineError(Exception):
+    """A request the engine refuses or cannot finish; ``code`` goes to the client as is."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Engine(Protocol):
+    """One engine per worker, shared by all its running jobs (continuous batching)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+        """Stream the answer to ``job``; the last delta has ``finish_reason`` set.
+
+        ``prefix`` is answer text an earlier attempt already published: generation continues
+        after it and never emits it again. Raises EngineError for requests it refuses.
+        """
+        ...
+
+    async def abort(self, job_id: str) -> None:
+        """Stop ``job_id`` promptly; its generator ends with a "cancelled" final delta.
+
+        Does nothing for a job the engine is not running.
+        """
+        ...

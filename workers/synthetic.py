@@ -1,0 +1,158 @@
+"""The ``synthetic`` engine: deterministic text at a set pace, the load generator for benchmarks.
+
+The answer is a function of the job alone (``synthetic_text``), so tests and benchmarks know
+what a client must receive, and a later attempt can continue an answer from any token boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator
+
+from shared.protocol import FinishReason, Job, Usage
+from shared.settings import Settings
+from workers.engine import EngineDelta, EngineError
+
+# Whitespace-free words, so token boundaries in a published prefix are unambiguous.
+_WORD_LIST = """
+    the of and to in is that it was for on are as with his they at be this from have or by
+    one had not but what all were when we there can an your which their said if do will each
+    about how up out them then she many some so these would other into has more her two like
+    him see time could no make than first been its who now people my made over did down only
+    way find use may water long little very after words called just where most know get
+    through back much before go good new write our used me man too any day same right look
+    think also around another came come work three word must because does part even place
+    well such here take why things help put years different away again off went old number
+    great tell men say small every found still between name should home big give air line set
+    own under read last never us left end along while might next sound below saw something
+    thought both few those always looked show large often together asked house world going
+    want school important until form food keep children feet land side without boy once
+    animals life enough took sometimes four head above kind began almost live page got earth
+    need far hand high year mother light parts country father let night following picture
+    being study second eyes soon times story boys since white days ever paper hard near
+    sentence better best across during today others however sure means knew itself young
+    """
+WORDS: tuple[str, ...] = tuple(_WORD_LIST.split())
+
+
+def _seed(job: Job) -> int:
+    # A sampling seed makes the answer depend on the prompt alone, as it would with a model.
+    source = str(job.sampling.seed) if job.sampling.seed is not None else job.id
+    if job.prompt is not None:
+        prompt = job.prompt
+    else:
+        prompt = "\n".join(f"{m.role}:{m.content}" for m in job.messages or ())
+    digest = hashlib.sha256(f"{source}\0{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def synthetic_text(job: Job, n_tokens: int) -> list[str]:
+    """The first ``n_tokens`` tokens of ``job``'s answer: words, all but the first after a space."""
+    rng = random.Random(_seed(job))
+    return [(" " if i else "") + rng.choice(WORDS) for i in range(n_tokens)]
+
+
+def answer_length(job: Job, settings: Settings) -> tuple[int, FinishReason]:
+    """Tokens the engine generates for ``job`` in all, and why it stops there."""
+    limit = job.max_tokens if job.max_tokens is not None else settings.default_max_tokens
+    if limit < settings.synthetic_tokens:
+        return limit, "length"
+    return settings.synthetic_tokens, "stop"
+
+
+def prompt_tokens(job: Job) -> int:
+    if job.prompt is not None:
+        return len(job.prompt.split())
+    return sum(len(m.content.split()) for m in job.messages or ())
+
+
+def _tokens_in_prefix(tokens: list[str], prefix: str) -> int:
+    """How many whole tokens ``prefix`` is; EngineError when it is not a start of the answer."""
+    if not prefix:
+        return 0
+    end = 0
+    for i, token in enumerate(tokens):
+        end += len(token)
+        if end == len(prefix):
+            if "".join(tokens[: i + 1]) == prefix:
+                return i + 1
+            break
+        if end > len(prefix):
+            break
+    raise EngineError(
+        "bad_prefix", "text already published is not a token-aligned start of this answer"
+    )
+
+
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+class SyntheticEngine:
+    name: str = "synthetic"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._ttft = max(settings.synthetic_ttft_ms, 0.0) / 1000.0
+        tps = settings.synthetic_tokens_per_s
+        self._interval = 1.0 / tps if tps > 0 else 0.0
+        self._aborts: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for aborted in self._aborts.values():
+            aborted.set()
+
+    async def abort(self, job_id: str) -> None:
+        aborted = self._aborts.get(job_id)
+        if aborted is not None:
+            aborted.set()
+
+    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+        total, finish = answer_length(job, self._settings)
+        tokens = synthetic_text(job, total)
+        done = _tokens_in_prefix(tokens, prefix)
+        n_prompt = prompt_tokens(job)
+        if job.id in self._aborts:
+            raise EngineError("duplicate_job", f"job {job.id} is already running")
+        aborted = asyncio.Event()
+        self._aborts[job.id] = aborted
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            if done == total:  # an earlier attempt published the whole answer
+                yield EngineDelta("", 0, time.time(), finish, _usage(n_prompt, total))
+                return
+            for i in range(done, total):
+                # Absolute schedule: a late wake-up never delays the tokens after it.
+                due = start + self._ttft + (i - done) * self._interval
+                if await _sleep_until(aborted, due, loop):
+                    yield EngineDelta("", 0, time.time(), "cancelled", _usage(n_prompt, i))
+                    return
+                if i == total - 1:
+                    yield EngineDelta(tokens[i], 1, time.time(), finish, _usage(n_prompt, total))
+                else:
+                    yield EngineDelta(tokens[i], 1, time.time())
+        finally:
+            if self._aborts.get(job.id) is aborted:
+                del self._aborts[job.id]
+
+
+async def _sleep_until(aborted: asyncio.Event, due: float, loop: asyncio.AbstractEventLoop) -> bool:
+    """Sleep until loop time ``due`` or an abort, whichever comes first; True when aborted."""
+    if due <= loop.time():
+        await asyncio.sleep(0)  # behind schedule: still let other jobs run
+    elif not aborted.is_set():
+        try:
+            async with asyncio.timeout_at(due):
+                await aborted.wait()
+        except TimeoutError:
+            pass
+    return aborted.is_set()
