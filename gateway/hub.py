@@ -53,6 +53,7 @@ class Hub:
         self._reader: asyncio.Task[None] | None = None
         self.connected = False
         self.messages = 0
+        self._closing = False
 
     @property
     def alive(self) -> bool:
@@ -67,10 +68,11 @@ class Hub:
         self._reader = asyncio.create_task(self._read_loop(), name="hub-reader")
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
+            # The loop also ends on the flag: a task awaiting redis-py can swallow a cancel.
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await asyncio.wait({self._reader}, timeout=2.0)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         for fut in self._ready.values():
@@ -131,7 +133,7 @@ class Hub:
 
     async def _read_loop(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closing:
             try:
                 if not self.connected:
                     await self._reconnect()

@@ -265,6 +265,10 @@ async def test_bad_entries_are_dead_lettered_and_the_stream_goes_on(
             },
             "max_tokens_too_large",
         ),
+        (
+            {"job": json.dumps({"id": "job-odd", "session_id": "odd }{ id", "prompt": "p"})},
+            "invalid_job",
+        ),
     ]
     entry_ids = [as_text(await redis.xadd(stream, entry(fields))) for fields, _ in bad]
     good = {"id": "job-good", "session_id": "sess-good", "prompt": "still works"}
@@ -286,6 +290,9 @@ async def test_bad_entries_are_dead_lettered_and_the_stream_goes_on(
     assert (dead[3]["session_id"], dead[3]["job_id"]) == ("sess-inv", "job-inv")
     assert "session_id" not in dead[2] and dead[2]["job_id"] == "job-nosess"
     assert "base64" in json.loads(dead[6]["entry"])["job"]
+    # A session id that breaks the id rules names no keys: no event, no history for it.
+    assert "session_id" not in dead[10] and dead[10]["job_id"] == "job-odd"
+    assert await redis.exists(keys.session_history("odd }{ id")) == 0
 
     for sid, jid, code in [
         ("sess-inv", "job-inv", "invalid_job"),
@@ -393,6 +400,23 @@ async def test_cancel_for_another_workers_job_is_ignored(
     await xadd_json(redis, keys, settings, job)
     events = await job_events(redis, keys, "sess-after", "job-after")
     assert events[-1]["finish_reason"] == "stop"
+
+
+async def test_same_job_twice_at_once_runs_once(
+    settings: Settings, keys: Keys, redis: Redis, start_worker: StartWorker
+) -> None:
+    job = {"id": "job-twice", "session_id": "sess-twice", "prompt": "p"}
+    await xadd_json(redis, keys, settings, job)
+    await xadd_json(redis, keys, settings, job)  # read in the same batch as the first
+    await start_worker(synthetic_tokens_per_s=100)
+
+    events = await job_events(redis, keys, "sess-twice", "job-twice")
+    await settled(redis, keys, settings)
+    assert [e["type"] for e in events if e["type"] != "delta"] == ["stream_start", "stream_end"]
+    assert "".join(d["delta"] for d in deltas_of(events)) == answer(job, settings.synthetic_tokens)
+    dead = await read_stream(redis, keys.dead_letter)
+    assert [(f["code"], f["job_id"]) for _, f in dead] == [("duplicate_job", "job-twice")]
+    assert (await get_record(redis, keys, "job-twice"))["state"] == "done"
 
 
 # Continuation, deadlines, attempts

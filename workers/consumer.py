@@ -33,7 +33,7 @@ from workers.deadletter import dead_letter
 from workers.engine import Engine, EngineDelta, EngineError
 from workers.engines import make_engine
 from workers.heartbeat import beat
-from workers.intake import Fields, check_limits, stream_entries
+from workers.intake import Fields, check_limits, stream_entries, usable_ids
 from workers.publisher import JobPublisher
 
 logger = logging.getLogger("tokenbus.worker")
@@ -225,7 +225,8 @@ class Worker:
             job = decode_job(fields)
             check_limits(job, self.settings)
         except BadJob as bad:
-            await self._refuse(entry_id, fields, bad.code, bad.reason, bad.job_id, bad.session_id)
+            job_id, session_id = usable_ids(bad)
+            await self._refuse(entry_id, fields, bad.code, bad.reason, job_id, session_id)
             return
         if job.id in self._jobs:
             # The same job twice at once would interleave its answer; the running one stands.

@@ -57,4 +57,13 @@ async def read_control(
             after = entry_id
             entry = {text(k): text(v) for k, v in fields.items()}
             if entry.get("action") == "cancel" and entry.get("job_id"):
-                await on_cancel(entry["job_id"], entry.get("reason", ""))
+                try:
+                    await on_cancel(entry["job_id"], entry.get("reason", ""))
+                except Exception as exc:  # one failed cancel must not stop the next ones
+                    log(
+                        logger,
+                        "cancel_failed",
+                        logging.ERROR,
+                        job_id=entry["job_id"],
+                        error=repr(exc),
+                    )

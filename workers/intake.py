@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
@@ -13,6 +14,10 @@ from shared.settings import Settings
 
 Fields: TypeAlias = dict[bytes | str, bytes | str]
 Entry: TypeAlias = tuple[str, Fields]
+
+# The rules Job puts on its ids: a refused entry's ids are used in keys only when they meet them.
+_MAX_ID = 128
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_\-.:]+$")
 
 
 def text(value: bytes | str) -> str:
@@ -33,6 +38,14 @@ def stream_entries(reply: Any) -> list[Entry]:
             if fields is not None:  # None: the entry was deleted while pending
                 out.append((text(entry_id), fields))
     return out
+
+
+def usable_ids(bad: BadJob) -> tuple[str | None, str | None]:
+    """The job id and session id of a refused entry that are safe to name keys after."""
+    job_id = bad.job_id if bad.job_id and len(bad.job_id) <= _MAX_ID else None
+    sid = bad.session_id
+    session_id = sid if sid and len(sid) <= _MAX_ID and _SESSION_ID.match(sid) else None
+    return job_id, session_id
 
 
 def check_limits(job: Job, settings: Settings) -> None:
