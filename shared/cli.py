@@ -167,6 +167,35 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# token: what a service that names its own sessions needs to read them through a gateway
+
+
+async def _token(settings: Settings, session_id: str) -> str:
+    from shared.redis_client import connect
+    from shared.tokens import shared_secret, sign
+
+    client = connect(settings)
+    try:
+        secret = await shared_secret(client, Keys(settings.key_prefix), settings.secret)
+    finally:
+        await client.aclose()
+    return sign(secret, session_id)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    settings = Settings()
+    try:
+        Job(session_id=args.session_id, prompt="")  # the same rules as a job's session id
+    except ValidationError as exc:
+        raise CliError(f"invalid session id: {exc.errors()[0]['msg']}") from exc
+    try:
+        print(_run_async(_token(settings, args.session_id)), flush=True)
+    except (redis.RedisError, OSError) as exc:
+        raise CliError(f"cannot read the session secret from {settings.redis_url}: {exc}") from exc
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # gateway, worker: exec one part
 
 
@@ -563,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoding", choices=["json", "msgpack"], default="json", help="entry encoding (json)"
     )
     enqueue.set_defaults(func=_cmd_enqueue)
+
+    token = sub.add_parser("token", help="print the token that reads a session (operators only)")
+    token.add_argument("session_id", help="a session id, e.g. one another service made up")
+    token.set_defaults(func=_cmd_token)
 
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.add_argument(

@@ -261,3 +261,28 @@ def test_up_exits_non_zero_when_a_child_dies(up_env: dict[str, str]) -> None:
     assert f"worker 1 (pid {worker_pid}) exited with code -9" in up.output
     for pid in up.pids():
         assert _gone(pid), f"pid {pid} outlived tokenbus up:\n{up.output}"
+
+
+async def test_token_reads_a_session_another_service_named(settings: Settings) -> None:
+    from shared.redis_client import connect
+    from shared.tokens import shared_secret, verify
+
+    env = _env(TOKENBUS_REDIS_URL=settings.redis_url, TOKENBUS_KEY_PREFIX=settings.key_prefix)
+    env.pop("TOKENBUS_SECRET", None)
+    proc = await asyncio.create_subprocess_exec(
+        *tokenbus(), "token", "demo-1", stdout=asyncio.subprocess.PIPE, env=env
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    token = out.decode().strip()
+    client = connect(settings.model_copy(update={"secret": ""}))
+    secret = await shared_secret(client, Keys(settings.key_prefix), "")
+    await client.aclose()
+    assert verify(secret, "demo-1", token)
+    assert not verify(secret, "demo-2", token)
+
+    bad = await asyncio.create_subprocess_exec(
+        *tokenbus(), "token", "{bad}", stderr=asyncio.subprocess.PIPE, env=env
+    )
+    _, err = await asyncio.wait_for(bad.communicate(), 60)
+    assert bad.returncode != 0 and b"invalid session id" in err
