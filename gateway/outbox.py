@@ -42,7 +42,7 @@ class Outbox:
         self._max_events = max_events
         self._max_bytes = max_bytes
         # A short backlog (a history replay) goes out as published; only a growing one merges.
-        self._coalesce_after = coalesce_after
+        self._coalesce_after = min(coalesce_after, max(1, max_events // 2))
         self._wakeup = asyncio.Event()
         self.closed: str | None = None  # why, once closed
         self.coalesced = 0
@@ -103,6 +103,10 @@ class Outbox:
         item = self._items.popleft()
         self._bytes -= item.size()
         return item
+
+    def get_nowait(self) -> Outgoing | None:
+        taken = self.take_ready(1)
+        return taken[0] if taken else None
 
     def take_ready(self, limit: int) -> list[Outgoing]:
         """Up to ``limit`` items already queued, without waiting (to write them together)."""

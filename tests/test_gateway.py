@@ -293,3 +293,44 @@ async def test_health_endpoints(settings: Settings, path: str) -> None:
         assert response.status == 200
         body = await response.json()
         assert body["status"] in ("ok", "ready")
+
+
+async def test_slow_ws_client_is_dropped_with_4008_and_never_slows_others(
+    settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    settings = settings.model_copy(
+        update={"client_queue_events": 64, "client_queue_bytes": 256 * 1024}
+    )
+    async with running_gateway(settings) as base, aiohttp.ClientSession() as http:
+        session = await _session(http, base)
+        sid = session["session_id"]
+        pub = _publisher(redis, keys, settings)
+        chunk = "x" * 65536
+        n_chunks = 256  # 16 MiB: more than socket buffers hold for a client that reads nothing
+        async with (
+            http.ws_connect(session["ws_url"], max_msg_size=0) as slow,
+            http.ws_connect(session["ws_url"], max_msg_size=0) as fast,
+        ):
+            for ws in (slow, fast):
+                await ws.send_json({"session_id": sid, "connect": True})
+                assert (await ws.receive_json())["type"] == "connected"
+
+            async def read_all() -> list[dict[str, Any]]:
+                return await ws_receive_until(fast, timeout=60)
+
+            reader = asyncio.create_task(read_all())
+            await pub.publish(sid, [StreamStart(job_id="j1", model="m")])
+            for i in range(n_chunks):
+                await pub.publish(sid, [Delta(job_id="j1", delta=chunk, t=float(i))])
+            await pub.publish(sid, [StreamEnd(job_id="j1", finish_reason="stop")])
+            fast_events = await reader
+            # The fast client got everything, whole and in order, while the slow one lagged.
+            assert answer_text(fast_events) == chunk * n_chunks
+            assert_contiguous(fast_events)
+            # The slow client is dropped with the code that says: resume from your offset.
+            async with asyncio.timeout(30):
+                while True:
+                    message = await slow.receive()
+                    if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                        break
+            assert slow.close_code == 4008
