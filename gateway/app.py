@@ -1,4 +1,4 @@
-"""The aiohttp application: sessions, jobs, WebSocket, SSE and health routes."""
+"""The aiohttp application: sessions, jobs, WebSocket, SSE, health and metrics routes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -17,9 +18,10 @@ from gateway.errors import ApiError, from_validation
 from gateway.history import History
 from gateway.hub import Hub
 from gateway.intake import Intake
+from gateway.metrics import GatewayMetrics
 from gateway.requests import PromptRequest
 from gateway.state import GATEWAY, Gateway, bearer
-from shared.jobs import TERMINAL_STATES, get_record, request_cancel
+from shared.jobs import TERMINAL_STATES, get_record, queue_depth, request_cancel
 from shared.keys import Keys
 from shared.logs import log
 from shared.protocol import new_id
@@ -134,13 +136,36 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; queue depths and pub/sub state are read now."""
+    gw = request.app[GATEWAY]
+    m = gw.metrics
+    m.pubsub_channels.set(gw.hub.channels)
+    m.pubsub_connected.set(1 if gw.hub.alive else 0)
+    try:
+        depths = {
+            model: await queue_depth(gw.redis, gw.keys, model)
+            for model in await gw.intake.live_models()
+        }
+    except RedisError as exc:  # the rest is still worth scraping
+        log(logger, "metrics_queue_depth_failed", logging.WARNING, error=str(exc))
+    else:
+        m.queue_depth.clear()  # a model no worker serves any more drops out
+        for model, depth in depths.items():
+            m.queue_depth.labels(model).set(depth)
+    return web.Response(
+        body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[api_errors], client_max_size=settings.max_message_bytes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         keys = Keys(settings.key_prefix)
         redis = connect(settings)
-        hub = Hub(connect(settings))
+        gateway_metrics = GatewayMetrics()
+        hub = Hub(connect(settings), on_live=gateway_metrics.observe_live)
         await hub.start()
         secret = await shared_secret(redis, keys, settings.secret)
         app[GATEWAY] = Gateway(
@@ -151,6 +176,7 @@ def create_app(settings: Settings) -> web.Application:
             history=History(redis, keys),
             intake=Intake(redis, keys, settings),
             secret=secret,
+            metrics=gateway_metrics,
         )
         log(logger, "gateway_ready", redis=settings.redis_url, prefix=settings.key_prefix)
         yield
@@ -166,4 +192,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/ws", ws.websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app

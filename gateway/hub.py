@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -26,6 +27,8 @@ from shared.protocol import EventDict
 logger = logging.getLogger("tokenbus.gateway.hub")
 
 SUBSCRIBE_TIMEOUT_S = 10.0
+#: Called once per live event received, before fan-out (metrics); must not block.
+LiveHook = Callable[[EventDict], None]
 
 
 class Subscriber(Protocol):
@@ -41,8 +44,9 @@ def _name(value: Any) -> str:
 
 
 class Hub:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, on_live: LiveHook | None = None) -> None:
         self._redis = redis
+        self._on_live = on_live
         self._pubsub: PubSub | None = None
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._ready: dict[str, asyncio.Future[None]] = {}
@@ -183,6 +187,11 @@ class Hub:
             except ValueError:
                 log(logger, "bad_channel_message", logging.WARNING, channel=channel)
                 return
+            if self._on_live is not None:
+                try:
+                    self._on_live(event)
+                except Exception:  # a metrics hook never stops delivery
+                    logger.exception("live event hook failed")
             for sub in tuple(subs):
                 sub.on_event(event, raw)
         elif kind == "subscribe":

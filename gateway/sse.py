@@ -34,11 +34,13 @@ async def session_events(request: web.Request) -> web.StreamResponse:
         return exc.response()
 
     outbox = gw.outbox()
+    client = gw.metrics.client("sse")
     subscription = gw.subscription(session_id, outbox, epoch=epoch, offset=offset)
     response = web.StreamResponse(headers=HEADERS)
     await response.prepare(request)
     await response.write(f"retry: {RETRY_MS}\n\n".encode())
     log(logger, "sse_open", session=session_id, epoch=epoch, offset=offset)
+    client.opened()
     try:
         await subscription.start()
         while True:
@@ -57,9 +59,12 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                     f'data: {{"type":"error","code":"{code}","message":"{message}"}}\n\n'.encode()
                 )
                 log(logger, "sse_dropped", logging.WARNING, session=session_id, reason=code)
+                if code == SLOW_CONSUMER:
+                    client.dropped_slow()
                 break
             chunks = []
-            for out in (item, *outbox.take_ready(_BATCH)):
+            batch = (item, *outbox.take_ready(_BATCH))
+            for out in batch:
                 event = out.event
                 if "offset" in event:
                     position = format_position(event.get("epoch"), int(event["offset"]))
@@ -67,9 +72,11 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                 else:
                     chunks.append(f"data: {out.text()}\n\n")
             await response.write("".join(chunks).encode())
+            client.written(out.event for out in batch)
     except (ConnectionResetError, ConnectionError):
         pass
     finally:
+        client.closed()
         subscription.close()
         log(
             logger,

@@ -1,4 +1,4 @@
-"""What one gateway process holds: its Redis clients, the pub/sub hub, intake and the secret."""
+"""What one gateway process holds: Redis clients, the pub/sub hub, intake, secret and metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from gateway.errors import ApiError, unauthorized
 from gateway.history import History
 from gateway.hub import Hub
 from gateway.intake import Intake
+from gateway.metrics import GatewayMetrics
 from gateway.outbox import Outbox
 from gateway.subscription import Listener, SessionSubscription
 from shared import tokens
@@ -27,6 +28,7 @@ class Gateway:
     history: History
     intake: Intake
     secret: str
+    metrics: GatewayMetrics
 
     def authorize(self, session_id: str, token: str | None) -> None:
         if not tokens.verify(self.secret, session_id, token):
@@ -56,6 +58,7 @@ class Gateway:
             epoch=epoch,
             offset=offset,
             listener=listener,
+            on_resync=self.metrics.resync,
         )
 
 

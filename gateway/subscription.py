@@ -24,6 +24,8 @@ logger = logging.getLogger("tokenbus.gateway.subscription")
 
 UNAVAILABLE = "history_unavailable"
 Listener = Callable[[EventDict], None]
+#: Told the reason of each resync sent (metrics).
+ResyncHook = Callable[[str], None]
 
 
 def _first_offset(snap: Snapshot) -> int:
@@ -42,6 +44,7 @@ class SessionSubscription:
         epoch: str | None = None,
         offset: int = 0,
         listener: Listener | None = None,
+        on_resync: ResyncHook | None = None,
     ) -> None:
         self.session_id = session_id
         self.channel = keys.session_channel(session_id)
@@ -52,6 +55,7 @@ class SessionSubscription:
         self._history = history
         self._outbox = outbox
         self._listener = listener
+        self._on_resync = on_resync
         self._buffer: list[tuple[EventDict, str]] | None = []  # not None while catching up
         self._again = False
         self._task: asyncio.Task[None] | None = None
@@ -125,6 +129,8 @@ class SessionSubscription:
         )
         self.epoch, self.offset = epoch, offset
         self._outbox.put(event)
+        if self._on_resync is not None:
+            self._on_resync(reason)
 
     def _start_catch_up(self) -> None:
         if self._closed:

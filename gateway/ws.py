@@ -66,6 +66,7 @@ class Connection:
         self.request = request
         self.state = State.AWAIT_CONNECT
         self.outbox = gw.outbox()
+        self.metrics = gw.metrics.client("ws")
         self.session_id: str | None = None
         self.subscription: SessionSubscription | None = None
         self.jobs: dict[str, str] = {}  # job id -> disconnect policy, until its terminal event
@@ -161,6 +162,7 @@ class Connection:
             self.send(_error("unavailable", "could not follow the session; reconnect to resume"))
             await self._close(CLOSE_UNAVAILABLE, "unavailable")
             return
+        self.metrics.opened()
         log(logger, "ws_connected", session=session_id, epoch=connect.epoch, offset=connect.offset)
 
     async def _on_prompt(self, message: dict[str, Any]) -> None:
@@ -205,8 +207,10 @@ class Connection:
             if item is None:
                 break
             await self.ws.send_str(item.text())
+            self.metrics.written((item.event,))
         reason = self.outbox.closed
         if reason == SLOW_CONSUMER:
+            self.metrics.dropped_slow()
             log(logger, "ws_dropped", logging.WARNING, session=self.session_id, reason=reason)
             await self._close(CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last offset")
         elif reason is not None and reason != "closing":
@@ -223,6 +227,7 @@ class Connection:
 
     async def _cleanup(self) -> None:
         self.state = State.CLOSED
+        self.metrics.closed()
         if self.subscription is not None:
             self.subscription.close()
         self.outbox.close("closing")

@@ -87,6 +87,9 @@ class StreamStart(_Event):
     job_id: str
     model: str
     attempt: int = 0
+    created_at: float | None = Field(
+        None, description="Unix time the job was created (its created_at), for time to first token."
+    )
 
 
 class Delta(_Event):

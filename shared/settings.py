@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     )
     block_ms: int = Field(2_000, description="XREADGROUP BLOCK time of a worker.")
     heartbeat_s: float = Field(5.0, description="Seconds between worker heartbeats.")
+    metrics_port: int = Field(0, description="Worker: port of its Prometheus /metrics (0: none).")
 
     # Synthetic engine
     synthetic_ttft_ms: float = Field(50.0, description="Synthetic engine: time to first token.")

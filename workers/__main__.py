@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import Callable
 
-from shared.logs import setup
+from prometheus_client import start_http_server
+
+from shared.logs import log, setup
 from shared.settings import Settings
 from workers.consumer import Worker
+
+logger = logging.getLogger("tokenbus.worker")
 
 
 async def serve(settings: Settings) -> None:
     """Run a worker until SIGINT or SIGTERM, then let it drain and return."""
     worker = Worker(settings)
+    server = None
+    if settings.metrics_port:
+        # Served from a thread of its own: a scrape never waits on the event loop.
+        server, _ = start_http_server(settings.metrics_port, registry=worker.metrics.registry)
+        log(logger, "metrics_serving", port=settings.metrics_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, worker.request_stop)
@@ -23,6 +33,9 @@ async def serve(settings: Settings) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -34,6 +34,7 @@ from workers.engine import Engine, EngineDelta, EngineError
 from workers.engines import make_engine
 from workers.heartbeat import beat
 from workers.intake import Fields, check_limits, stream_entries, usable_ids
+from workers.metrics import WorkerMetrics
 from workers.publisher import JobPublisher
 
 logger = logging.getLogger("tokenbus.worker")
@@ -73,6 +74,8 @@ class Worker:
         self.consumer = settings.worker_id or default_worker_id()
         self.stream = self.keys.jobs_stream(settings.model)
         self.drain_timeout_s = drain_timeout_s
+        #: This worker's Prometheus metrics (its own registry).
+        self.metrics = WorkerMetrics()
         self._redis = connect(settings)
         # Blocking reads get a client whose socket timeout outlasts BLOCK.
         self._blocking = connect(settings, block_ms=settings.block_ms)
@@ -238,10 +241,12 @@ class Worker:
         self._jobs[job.id] = running
         task = asyncio.create_task(self._run_job(running), name=f"job-{job.id}")
         self._tasks.add(task)
+        self.metrics.jobs_running.inc()
         task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self.metrics.jobs_running.dec()
         self._slot_freed.set()
 
     async def _refuse(
@@ -264,6 +269,7 @@ class Worker:
             job_id=job_id,
             session_id=session_id,
         )
+        self.metrics.finished("refused")
         try:
             await dead_letter(
                 self._redis,
@@ -352,6 +358,7 @@ class Worker:
                 )
             await self._redis.xack(self.stream, JOBS_GROUP, running.entry_id)
             if outcome is not None:
+                self.metrics.finished(outcome.state)
                 self._log_finished(running, outcome)
         except asyncio.CancelledError:
             log(
@@ -426,6 +433,7 @@ class Worker:
             await pub.end("cancelled")
             return _Outcome("cancelled", "cancelled")
         first_token_s: float | None = None
+        last_t: float | None = None  # engine time of the last token
         deltas: AsyncIterator[EngineDelta] | None = None
         finished = False
         try:
@@ -444,6 +452,8 @@ class Worker:
                     await self.engine.abort(job.id)
                 if first_token_s is None and delta.tokens:
                     first_token_s = time.monotonic() - running.started
+                if delta.tokens:
+                    last_t = self._count_tokens(delta, last_t, job, continued=bool(prefix))
                 await pub.add(delta)
                 if delta.finish_reason is not None:
                     finished = True
@@ -479,6 +489,18 @@ class Worker:
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+
+    def _count_tokens(
+        self, delta: EngineDelta, last_t: float | None, job: Job, *, continued: bool
+    ) -> float:
+        """Metrics of a delta with tokens; returns its time, the next one's ``last_t``."""
+        m = self.metrics
+        m.tokens.inc(delta.tokens)
+        if last_t is not None:
+            m.itl.observe(max(0.0, delta.t - last_t) / delta.tokens)
+        elif not continued:  # a continued answer's first token was an earlier attempt's
+            m.ttft.observe(max(0.0, delta.t - job.created_at))
+        return delta.t
 
     async def _give_up(self, running: _Running, pub: JobPublisher, attempts: int) -> _Outcome:
         job = running.job

@@ -25,6 +25,7 @@ class JobPublisher:
         self._sessions = sessions
         self._session_id = job.session_id
         self._job_id = job.id
+        self._created_at = job.created_at
         self._model = model
         self._window = max(window_ms, 0.0) / 1000.0
         # One publish at a time, taken in call order: offsets follow the answer's order.
@@ -42,7 +43,13 @@ class JobPublisher:
 
     async def start(self, attempt: int = 0) -> None:
         async with self._lock:
-            await self._send([StreamStart(job_id=self._job_id, model=self._model, attempt=attempt)])
+            start = StreamStart(
+                job_id=self._job_id,
+                model=self._model,
+                attempt=attempt,
+                created_at=self._created_at,
+            )
+            await self._send([start])
 
     async def add(self, delta: EngineDelta) -> None:
         """Publish (or batch) ``delta``; a final delta also ends the job with StreamEnd."""
