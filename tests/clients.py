@@ -96,3 +96,10 @@ def assert_contiguous(events: list[dict[str, Any]], start: int = 1) -> None:
         assert event.get("from_offset", event["offset"]) == expected, (expected, event)
         expected = event["offset"] + 1
     assert len({e["epoch"] for e in positioned}) <= 1
+
+
+async def follow(ws: aiohttp.ClientWebSocketResponse, session_id: str, **fields: Any) -> None:
+    """Send the connect message (token from the URL unless given) and expect ``connected``."""
+    await ws.send_json({"session_id": session_id, "connect": True, **fields})
+    reply = await ws.receive_json()
+    assert reply["type"] == "connected", reply

@@ -19,6 +19,7 @@ from shared.settings import Settings
 from tests.clients import (
     answer_text,
     assert_contiguous,
+    follow,
     read_sse_until,
     sse_events,
     ws_receive_until,
@@ -80,8 +81,7 @@ async def test_job_xadded_as_json_streams_to_sse_and_ws(
         session = await new_session(http, base)
         sid = session["session_id"]
         async with http.ws_connect(session["ws_url"]) as ws:
-            await ws.send_json({"session_id": sid, "connect": True})
-            assert (await ws.receive_json())["type"] == "connected"
+            await follow(ws, sid)
             sse = asyncio.create_task(read_sse_until(http, session["sse_url"]))
             await asyncio.sleep(0.2)
             # Exactly what another service would write with any Redis client.
@@ -119,8 +119,7 @@ async def test_200_concurrent_sessions_each_get_every_delta_once(
             prompt = f"prompt {i}"
             if i % 2:
                 async with http.ws_connect(session["ws_url"]) as ws:
-                    await ws.send_json({"session_id": sid, "connect": True})
-                    assert (await ws.receive_json())["type"] == "connected"
+                    await follow(ws, sid)
                     await ws.send_json({"type": "prompt", "prompt": prompt, "ref": i})
                     queued = await ws.receive_json()
                     assert queued["type"] == "queued" and queued["ref"] == i
@@ -190,8 +189,7 @@ async def test_ws_client_drops_and_resumes_on_another_gateway_process(
         sid = session["session_id"]
         first: list[dict[str, Any]] = []
         async with http.ws_connect(session["ws_url"]) as ws:
-            await ws.send_json({"session_id": sid, "connect": True})
-            assert (await ws.receive_json())["type"] == "connected"
+            await follow(ws, sid)
             await ws.send_json({"type": "prompt", "prompt": "resume me"})
             job_id = (await ws.receive_json())["job_id"]
             while sum(e.get("type") == "delta" for e in first) < 10:
@@ -266,8 +264,7 @@ async def test_cancel_over_ws_and_http_stops_the_job(
         session = await new_session(http, base)
         sid = session["session_id"]
         async with http.ws_connect(session["ws_url"]) as ws:
-            await ws.send_json({"session_id": sid, "connect": True})
-            assert (await ws.receive_json())["type"] == "connected"
+            await follow(ws, sid)
             await ws.send_json({"type": "prompt", "prompt": "stop me"})
             job_id = (await ws.receive_json())["job_id"]
             events = await ws_receive_until(ws, until_type="delta", count=3)
@@ -298,8 +295,7 @@ async def test_disconnect_cancels_only_jobs_that_ask_for_it(
         sid = session["session_id"]
         jobs: dict[str, str] = {}
         async with http.ws_connect(session["ws_url"]) as ws:
-            await ws.send_json({"session_id": sid, "connect": True})
-            assert (await ws.receive_json())["type"] == "connected"
+            await follow(ws, sid)
             for policy in ("cancel", "continue"):
                 await ws.send_json({"type": "prompt", "prompt": policy, "on_disconnect": policy})
                 # Events of the first job may arrive before the second one's receipt.

@@ -13,7 +13,7 @@ from shared.keys import Keys
 from shared.protocol import Delta, StreamEnd, StreamStart
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
-from tests.clients import answer_text, assert_contiguous, read_sse_until, ws_receive_until
+from tests.clients import answer_text, assert_contiguous, follow, read_sse_until, ws_receive_until
 from tests.servers import running_gateway
 
 
@@ -65,8 +65,7 @@ async def test_live_sse_and_ws_see_every_event_once_in_order(
         session = await _session(http, base)
         sid = session["session_id"]
         async with http.ws_connect(session["ws_url"]) as ws:
-            await ws.send_json({"session_id": sid, "connect": True})
-            assert (await ws.receive_json())["type"] == "connected"
+            await follow(ws, sid)
             sse_task = asyncio.create_task(read_sse_until(http, session["sse_url"]))
             await asyncio.sleep(0.2)  # both are live before anything is published
             await _publish_job(_publisher(redis, keys, settings), sid, "j1", WORDS)
@@ -251,8 +250,7 @@ async def test_pubsub_channels_are_reference_counted(
 
         async with http.ws_connect(session["ws_url"]) as a, http.ws_connect(session["ws_url"]) as b:
             for ws in (a, b):
-                await ws.send_json({"session_id": session["session_id"], "connect": True})
-                assert (await ws.receive_json())["type"] == "connected"
+                await follow(ws, session["session_id"])
             await asyncio.sleep(0.1)
             assert await subscribers() == 1  # one pub/sub connection for the whole process
         for _ in range(50):
@@ -270,8 +268,7 @@ async def test_lost_pubsub_connection_is_recovered_from_history(
         sid = session["session_id"]
         pub = _publisher(redis, keys, settings)
         async with http.ws_connect(session["ws_url"]) as ws:
-            await ws.send_json({"session_id": sid, "connect": True})
-            assert (await ws.receive_json())["type"] == "connected"
+            await follow(ws, sid)
             await pub.publish(sid, [StreamStart(job_id="j1", model="m")])
             for i, word in enumerate(WORDS):
                 if i == 10:
@@ -312,8 +309,7 @@ async def test_slow_ws_client_is_dropped_with_4008_and_never_slows_others(
             http.ws_connect(session["ws_url"], max_msg_size=0) as fast,
         ):
             for ws in (slow, fast):
-                await ws.send_json({"session_id": sid, "connect": True})
-                assert (await ws.receive_json())["type"] == "connected"
+                await follow(ws, sid)
 
             async def read_all() -> list[dict[str, Any]]:
                 return await ws_receive_until(fast, timeout=60)

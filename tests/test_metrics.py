@@ -22,7 +22,7 @@ from shared.keys import Keys
 from shared.protocol import Delta, Job, StreamEnd, StreamStart
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
-from tests.clients import answer_text, read_sse_until, ws_receive_until
+from tests.clients import answer_text, follow, read_sse_until, ws_receive_until
 from tests.redis_server import free_port
 from tests.servers import running_gateway, settings_env, wait_ready
 from tests.test_e2e import new_session, post_job, running_worker, stack
@@ -69,8 +69,7 @@ async def test_gateway_metrics_after_a_job_over_ws_and_sse(settings: Settings) -
             return value(await scrape(http, url), "tokenbus_active_streams", transport="ws") == n
 
         async with http.ws_connect(session["ws_url"]) as ws:
-            await ws.send_json({"session_id": sid, "connect": True})
-            assert (await ws.receive_json())["type"] == "connected"
+            await follow(ws, sid)
             # Counted once it follows the session live: the job's events reach the hub live.
             await eventually(lambda: ws_streams(1), "the WebSocket counted as an active stream")
             sse = asyncio.create_task(read_sse_until(http, session["sse_url"]))
