@@ -111,7 +111,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     gw, job_id, record = await _job_record(request)
     if record.get("state") in TERMINAL_STATES:
         return web.json_response({"job_id": job_id, "state": record["state"]})
-    await request_cancel(gw.redis, gw.keys, job_id, reason="http")
+    await request_cancel(gw.redis, gw.keys, job_id, reason="http", ttl_s=gw.settings.job_ttl_s)
     log(logger, "job_cancel_requested", job=job_id)
     return web.json_response({"job_id": job_id, "state": "cancelling"}, status=202)
 

@@ -194,8 +194,13 @@ class Connection:
             if record.get("session_id") != self.session_id:
                 self.send(_error("job_not_found", f"no job {job_id!r} on this session"))
                 continue
-            await request_cancel(self.gw.redis, self.gw.keys, job_id, reason="client")
+            await self._cancel(job_id, "client")
             self.send({"type": "cancelling", "job_id": job_id})
+
+    async def _cancel(self, job_id: str, reason: str) -> None:
+        await request_cancel(
+            self.gw.redis, self.gw.keys, job_id, reason=reason, ttl_s=self.gw.settings.job_ttl_s
+        )
 
     def _on_event(self, event: EventDict) -> None:
         if event.get("type") in TERMINAL_TYPES:
@@ -237,7 +242,7 @@ class Connection:
                 await self._writer
         for job_id, policy in self.jobs.items():
             if policy == "cancel":
-                await request_cancel(self.gw.redis, self.gw.keys, job_id, reason="disconnect")
+                await self._cancel(job_id, "disconnect")
         log(
             logger,
             "ws_closed",

@@ -88,15 +88,22 @@ async def get_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:
     }
 
 
-async def request_cancel(redis: Redis, keys: Keys, job_id: str, *, reason: str = "client") -> None:
+async def request_cancel(
+    redis: Redis, keys: Keys, job_id: str, *, reason: str = "client", ttl_s: int = 86_400
+) -> None:
     """Ask whichever worker holds ``job_id`` to stop it (any service may write this entry).
 
     The flag on the record stops a job still queued: a worker checks it before running one.
+    The record keeps a TTL even if it had expired already, so a late cancel leaks nothing.
     """
-    await redis.hset(keys.job(job_id), "cancel_requested", reason)
-    await redis.xadd(
-        keys.control,
-        {"action": "cancel", "job_id": job_id, "reason": reason},
-        maxlen=10_000,
-        approximate=True,
-    )
+    record = keys.job(job_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(record, "cancel_requested", reason)
+        pipe.expire(record, ttl_s)
+        pipe.xadd(
+            keys.control,
+            {"action": "cancel", "job_id": job_id, "reason": reason},
+            maxlen=10_000,
+            approximate=True,
+        )
+        await pipe.execute()
