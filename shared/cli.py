@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TypeVar
 import redis
 from pydantic import AliasChoices, ValidationError
 
+from shared.embedded_redis import free_port, redis_server_argv
 from shared.keys import Keys
 from shared.protocol import Job, job_json_schema
 from shared.settings import Settings
@@ -239,13 +240,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 # up: the whole stack
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _port_in_use(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -313,23 +307,9 @@ class _Stack:
                 "`make setup` (or `apt-get install redis-server`) installs it"
             )
         self.redis_dir = tempfile.mkdtemp(prefix="tokenbus-redis-")
-        port = _free_port()
+        port = free_port()
         log = Path(self.redis_dir) / "redis.log"
-        argv = [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self.redis_dir,
-            "--logfile",
-            str(log),
-        ]
+        argv = redis_server_argv(binary, port, self.redis_dir, str(log))
         proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
         )

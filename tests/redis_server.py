@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,12 +12,7 @@ from collections.abc import Iterator
 
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from shared.embedded_redis import free_port, redis_server_argv
 
 
 def _docker_answers() -> bool:
@@ -55,19 +49,7 @@ def redis_binary(port: int | None = None) -> Iterator[str]:
     port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="tokenbus-redis-") as workdir:
         proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-            ],
+            redis_server_argv(binary, port, workdir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -14,8 +14,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.app import create_app
+from shared.embedded_redis import free_port
 from shared.settings import Settings
-from tests.redis_server import free_port
 
 
 @contextlib.asynccontextmanager

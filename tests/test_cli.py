@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 
 from shared.cli import schema_text, settings_markdown
 from shared.codec import decode_job
+from shared.embedded_redis import free_port
 from shared.keys import Keys
 from shared.protocol import job_json_schema
 from shared.settings import Settings
-from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

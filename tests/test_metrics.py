@@ -17,13 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from gateway.metrics import GatewayMetrics
+from shared.embedded_redis import free_port
 from shared.jobs import enqueue
 from shared.keys import Keys
 from shared.protocol import Delta, Job, StreamEnd, StreamStart
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
 from tests.clients import answer_text, follow, read_sse_until, ws_receive_until
-from tests.redis_server import free_port
 from tests.servers import running_gateway, settings_env, wait_ready
 from tests.test_e2e import new_session, post_job, running_worker, stack
 
