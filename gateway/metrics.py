@@ -13,26 +13,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.buckets import LATENCY_BUCKETS, TTFT_BUCKETS
 from shared.protocol import TERMINAL_TYPES, EventDict
 
-#: Engine emit -> written to a client's socket; and time between tokens.
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-#: Job created -> first token: includes time queued, so it reaches further.
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 #: Jobs whose timing is followed at once; past it the oldest is forgotten.
 MAX_TRACKED_JOBS = 10_000
 

@@ -6,12 +6,10 @@ from typing import Literal, TypeAlias
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.buckets import LATENCY_BUCKETS, TTFT_BUCKETS
+
 Outcome: TypeAlias = Literal["done", "failed", "cancelled", "refused"]
 OUTCOMES: tuple[Outcome, ...] = ("done", "failed", "cancelled", "refused")
-
-#: Job created -> first token: includes time queued, so it reaches further.
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class WorkerMetrics:
@@ -36,7 +34,7 @@ class WorkerMetrics:
         self.itl = Histogram(
             "tokenbus_inter_token_latency_seconds",
             "Time between tokens the engine emitted for a job.",
-            buckets=ITL_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.tokens = Counter(
