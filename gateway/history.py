@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from shared.codec import decode_event
+from shared.codec import decode_event, text
 from shared.keys import HISTORY_FIELD, Keys
 from shared.protocol import EventDict
 
@@ -32,8 +32,8 @@ class History:
         events: list[tuple[EventDict, str]] = []
         for _entry_id, fields in entries:
             raw = fields[HISTORY_FIELD.encode()]
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            events.append((decode_event(text), text))
+            raw_text = text(raw)
+            events.append((decode_event(raw_text), raw_text))
         return Snapshot(
             epoch=epoch.decode() if isinstance(epoch, bytes) else epoch,
             offset=int(offset) if offset is not None else 0,

@@ -20,7 +20,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.codec import decode_event
+from shared.codec import decode_event, text
 from shared.logs import log
 from shared.protocol import EventDict
 
@@ -37,10 +37,6 @@ class Subscriber(Protocol):
 
     def on_resubscribed(self) -> None:
         """The connection was lost and is back: events may have been missed."""
-
-
-def _name(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Hub:
@@ -174,14 +170,14 @@ class Hub:
         log(logger, "pubsub_reconnected", channels=self.channels)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = _name(message.get("type"))
-        channel = _name(message.get("channel"))
+        kind = text(message.get("type"))
+        channel = text(message.get("channel"))
         if kind == "message":
             subs = self._subscribers.get(channel)
             if not subs:
                 return
             self.messages += 1
-            raw = _name(message["data"])
+            raw = text(message["data"])
             try:
                 event = decode_event(raw)
             except ValueError:

@@ -29,12 +29,13 @@ class BadJob(Exception):
         self.job_id = jid if isinstance(jid, str) and jid else None
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def text(value: object) -> str:
+    """A Redis reply value as text (redis-py gives bytes unless told to decode)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _raw_job(fields: Mapping[bytes | str, bytes | str]) -> Any:
-    by_name = {_text(k): v for k, v in fields.items()}
+    by_name = {text(k): v for k, v in fields.items()}
     if JOB_FIELD not in by_name:
         raise BadJob("bad_entry", f"entry has no '{JOB_FIELD}' field")
     payload = by_name[JOB_FIELD]

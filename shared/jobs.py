@@ -8,7 +8,7 @@ from typing import Literal, TypeAlias
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.codec import JobEncoding, encode_job
+from shared.codec import JobEncoding, encode_job, text
 from shared.keys import JOBS_GROUP, Keys
 from shared.protocol import Job
 
@@ -49,7 +49,7 @@ async def enqueue(
         )
         results = await pipe.execute()
     entry_id = results[-1]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return text(entry_id)
 
 
 async def queue_depth(redis: Redis, keys: Keys, model: str) -> int:
@@ -60,8 +60,7 @@ async def queue_depth(redis: Redis, keys: Keys, model: str) -> int:
     except ResponseError:  # no such stream yet
         return 0
     for group in groups:
-        name = group.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) == JOBS_GROUP:
+        if text(group.get("name")) == JOBS_GROUP:
             lag = group.get("lag")
             if lag is not None:
                 return int(lag)
@@ -82,10 +81,7 @@ async def set_state(
 
 async def get_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:
     raw = await redis.hgetall(keys.job(job_id))
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw.items()
-    }
+    return {text(k): text(v) for k, v in raw.items()}
 
 
 async def request_cancel(

@@ -8,6 +8,7 @@ from importlib import resources
 
 from redis.asyncio import Redis
 
+from shared import codec
 from shared.codec import AnyEvent, encode_event
 from shared.keys import Keys
 
@@ -45,4 +46,4 @@ class SessionPublisher:
         args = [secrets.token_hex(6), self._maxlen, self._ttl, text]
         args.extend(encode_event(e) for e in events)
         epoch, offset = await self._script(keys=keys, args=args)
-        return (epoch.decode() if isinstance(epoch, bytes) else str(epoch)), int(offset)
+        return codec.text(epoch), int(offset)

@@ -9,6 +9,7 @@ import secrets
 
 from redis.asyncio import Redis
 
+from shared.codec import text
 from shared.keys import Keys
 
 
@@ -29,4 +30,4 @@ async def shared_secret(redis: Redis, keys: Keys, configured: str) -> str:
     value = await redis.get(keys.secret)
     if value is None:  # pragma: no cover - only if someone deletes it between the two calls
         raise RuntimeError("session secret vanished from Redis")
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return text(value)

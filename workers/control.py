@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.codec import text
 from shared.keys import Keys
 from shared.logs import log
-from workers.intake import stream_entries, text
+from workers.intake import stream_entries
 
 logger = logging.getLogger("tokenbus.worker.control")
 

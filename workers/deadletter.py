@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
+from shared.codec import text
 from shared.keys import Keys
 from workers.intake import fields_json
 
@@ -39,4 +40,4 @@ async def dead_letter(
     if session_id:
         record["session_id"] = session_id
     new_id = await redis.xadd(keys.dead_letter, record, maxlen=maxlen, approximate=True)
-    return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+    return text(new_id)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
-from shared.codec import BadJob
+from shared.codec import BadJob, text
 from shared.protocol import Job
 from shared.settings import Settings
 
@@ -18,10 +18,6 @@ Entry: TypeAlias = tuple[str, Fields]
 # The rules Job puts on its ids: a refused entry's ids are used in keys only when they meet them.
 _MAX_ID = 128
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_\-.:]+$")
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def stream_entries(reply: Any) -> list[Entry]:
