@@ -52,7 +52,6 @@ class Hub:
         self._recovering: set[str] = set()
         self._reader: asyncio.Task[None] | None = None
         self.connected = False
-        self.messages = 0
         self._closing = False
 
     @property
@@ -176,7 +175,6 @@ class Hub:
             subs = self._subscribers.get(channel)
             if not subs:
                 return
-            self.messages += 1
             raw = text(message["data"])
             try:
                 event = decode_event(raw)

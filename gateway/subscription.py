@@ -50,7 +50,6 @@ class SessionSubscription:
         self.channel = keys.session_channel(session_id)
         self.epoch = epoch
         self.offset = offset
-        self.resyncs = 0
         self._hub = hub
         self._history = history
         self._outbox = outbox
@@ -113,7 +112,6 @@ class SessionSubscription:
             self._listener(event)
 
     def _resync(self, reason: str, epoch: str | None, offset: int) -> None:
-        self.resyncs += 1
         event: dict[str, Any] = {"type": "resync", "reason": reason, "offset": offset}
         if epoch is not None:
             event["epoch"] = epoch
