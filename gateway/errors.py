@@ -18,6 +18,11 @@ _TYPES = {
 }
 
 
+def error_event(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """An ``error`` event as WebSocket and SSE clients get it."""
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -27,7 +32,7 @@ class ApiError(Exception):
         self.param = param
 
     def event(self) -> dict[str, Any]:
-        return {"type": "error", "code": self.code, "message": self.message}
+        return error_event(self.code, self.message)
 
     def response(self) -> web.Response:
         body = {

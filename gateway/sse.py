@@ -6,9 +6,10 @@ import logging
 
 from aiohttp import web
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, error_event
 from gateway.outbox import SLOW_CONSUMER
 from gateway.state import GATEWAY, bearer, format_position, parse_position
+from shared.codec import dump_event
 from shared.logs import log
 
 logger = logging.getLogger("tokenbus.gateway.sse")
@@ -55,9 +56,8 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                     if code == SLOW_CONSUMER
                     else "session history unavailable; reconnect to resume"
                 )
-                await response.write(
-                    f'data: {{"type":"error","code":"{code}","message":"{message}"}}\n\n'.encode()
-                )
+                data = dump_event(error_event(code, message))
+                await response.write(f"data: {data}\n\n".encode())
                 log(logger, "sse_dropped", logging.WARNING, session=session_id, reason=code)
                 if code == SLOW_CONSUMER:
                     client.dropped_slow()

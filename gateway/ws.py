@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import ApiError, from_validation
+from gateway.errors import ApiError, error_event, from_validation
 from gateway.outbox import SLOW_CONSUMER
 from gateway.requests import PromptRequest
 from gateway.state import GATEWAY, Gateway, bearer
@@ -55,10 +55,6 @@ class CancelMessage(BaseModel):
     job_id: str | None = None
 
 
-def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message, **extra}
-
-
 class Connection:
     def __init__(self, gw: Gateway, ws: web.WebSocketResponse, request: web.Request) -> None:
         self.gw = gw
@@ -82,7 +78,9 @@ class Connection:
                 if msg.type == WSMsgType.TEXT:
                     await self._on_text(msg.data)
                 elif msg.type == WSMsgType.BINARY:
-                    self.send(_error("bad_frame", "binary frames are not accepted; send JSON text"))
+                    self.send(
+                        error_event("bad_frame", "binary frames are not accepted; send JSON text")
+                    )
                 else:
                     break
                 if self.state is State.CLOSED:
@@ -94,10 +92,10 @@ class Connection:
         try:
             message = json.loads(data)
         except json.JSONDecodeError as exc:
-            self.send(_error("bad_json", f"message is not JSON: {exc.msg}"))
+            self.send(error_event("bad_json", f"message is not JSON: {exc.msg}"))
             return
         if not isinstance(message, dict):
-            self.send(_error("bad_message", "message must be a JSON object"))
+            self.send(error_event("bad_message", "message must be a JSON object"))
             return
         kind = message.get("type")
         if message.get("connect") is True or kind == "connect":
@@ -105,14 +103,16 @@ class Connection:
         elif kind == "ping":
             self.send({"type": "pong", **({"t": message["t"]} if "t" in message else {})})
         elif self.state is not State.CONNECTED:
-            self.send(_error("not_connected", "send {'session_id': ..., 'connect': true} first"))
+            self.send(
+                error_event("not_connected", "send {'session_id': ..., 'connect': true} first")
+            )
         elif kind == "prompt":
             await self._on_prompt(message)
         elif kind == "cancel":
             await self._on_cancel(message)
         else:
             self.send(
-                _error(
+                error_event(
                     "unknown_type",
                     f"unknown message type {kind!r}; expected connect, prompt, cancel or ping",
                 )
@@ -120,7 +120,7 @@ class Connection:
 
     async def _on_connect(self, message: dict[str, Any]) -> None:
         if self.state is State.CONNECTED:
-            self.send(_error("already_connected", "this connection already follows a session"))
+            self.send(error_event("already_connected", "this connection already follows a session"))
             return
         try:
             connect = ConnectMessage.model_validate(message)
@@ -129,7 +129,7 @@ class Connection:
             return
         session_id = connect.session_id or self.request.query.get("session_id")
         if not session_id:
-            self.send(_error("invalid_request", "session_id is required"))
+            self.send(error_event("invalid_request", "session_id is required"))
             return
         try:
             self.gw.authorize(session_id, connect.token or bearer(self.request))
@@ -159,7 +159,9 @@ class Connection:
             await self.subscription.start()
         except Exception as exc:
             log(logger, "ws_subscribe_failed", logging.WARNING, session=session_id, error=str(exc))
-            self.send(_error("unavailable", "could not follow the session; reconnect to resume"))
+            self.send(
+                error_event("unavailable", "could not follow the session; reconnect to resume")
+            )
             await self._close(CLOSE_UNAVAILABLE, "unavailable")
             return
         self.metrics.opened()
@@ -192,7 +194,7 @@ class Connection:
         for job_id in targets:
             record = await get_record(self.gw.redis, self.gw.keys, job_id)
             if record.get("session_id") != self.session_id:
-                self.send(_error("job_not_found", f"no job {job_id!r} on this session"))
+                self.send(error_event("job_not_found", f"no job {job_id!r} on this session"))
                 continue
             await self._cancel(job_id, "client")
             self.send({"type": "cancelling", "job_id": job_id})
