@@ -13,7 +13,14 @@ from shared.keys import Keys
 from shared.protocol import Delta, StreamEnd, StreamStart
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
-from tests.clients import answer_text, assert_contiguous, follow, read_sse_until, ws_receive_until
+from tests.clients import (
+    answer_text,
+    assert_contiguous,
+    follow,
+    read_sse_until,
+    sse_events,
+    ws_receive_until,
+)
 from tests.servers import running_gateway
 
 
@@ -70,8 +77,8 @@ async def test_live_sse_and_ws_see_every_event_once_in_order(
             await asyncio.sleep(0.2)  # both are live before anything is published
             await _publish_job(_publisher(redis, keys, settings), sid, "j1", WORDS)
             ws_events = await ws_receive_until(ws)
-            sse_events = [e.data for e in await sse_task]
-        for events in (ws_events, sse_events):
+            sse_data = [e.data for e in await sse_task]
+        for events in (ws_events, sse_data):
             assert answer_text(events) == "".join(WORDS)
             assert_contiguous(events)
 
@@ -330,3 +337,30 @@ async def test_slow_ws_client_is_dropped_with_4008_and_never_slows_others(
                     if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                         break
             assert slow.close_code == 4008
+
+
+async def test_slow_sse_client_gets_slow_consumer_error_then_end_of_stream(
+    settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    settings = settings.model_copy(
+        update={"client_queue_events": 64, "client_queue_bytes": 256 * 1024}
+    )
+    async with running_gateway(settings) as base, aiohttp.ClientSession() as http:
+        session = await _session(http, base)
+        sid = session["session_id"]
+        pub = _publisher(redis, keys, settings)
+        chunk = "y" * 65536
+        async with http.get(session["sse_url"]) as response:
+            await asyncio.sleep(0.2)  # subscribed; now publish without reading
+            await pub.publish(sid, [StreamStart(job_id="j1", model="m")])
+            for i in range(256):
+                await pub.publish(sid, [Delta(job_id="j1", delta=chunk, t=float(i))])
+            events = []
+            async with asyncio.timeout(60):
+                async for event in sse_events(response):
+                    events.append(event.data)
+        last = events[-1]
+        assert last["type"] == "error" and last["code"] == "slow_consumer"
+        assert "Last-Event-ID" in last["message"]
+        # What did arrive before the drop is in order, with no gap.
+        assert_contiguous(events[:-1])
