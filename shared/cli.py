@@ -31,7 +31,7 @@ from pydantic import AliasChoices, ValidationError
 from shared.embedded_redis import free_port, redis_server_argv
 from shared.keys import Keys
 from shared.protocol import Job, job_json_schema
-from shared.settings import Settings
+from shared.settings import BUNDLED_MODEL, Settings
 
 DEFAULT_SCHEMA_PATH = Path("schema") / "job.v1.json"
 _T = TypeVar("_T")
@@ -237,6 +237,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# prepare-model: convert the bundled model once
+
+
+def _needs_bundled(settings: Settings, args: argparse.Namespace) -> bool:
+    engine = args.engine or settings.engine
+    model = args.model or settings.model
+    return engine == "vllm" and not settings.model_path and model == BUNDLED_MODEL
+
+
+def _prepare_argv(force: bool) -> list[str]:
+    # In a child: the conversion lives with the workers and imports torch and transformers.
+    return [sys.executable, "-m", "workers.models", *(["--force"] if force else [])]
+
+
+def _cmd_prepare_model(args: argparse.Namespace) -> int:
+    return subprocess.call(_prepare_argv(args.force))
+
+
+# ---------------------------------------------------------------------------------------------
 # up: the whole stack
 
 
@@ -428,6 +447,13 @@ def _up(args: argparse.Namespace, settings: Settings, stack: _Stack) -> int:
         env["TOKENBUS_DEFAULT_MODEL"] = args.model
     gateway_env = {**env, "TOKENBUS_HOST": host, "TOKENBUS_PORT": str(port)}
 
+    if args.workers and _needs_bundled(settings, args):
+        _say(f"preparing {BUNDLED_MODEL} (converted once, then cached)")
+        code = subprocess.call(_prepare_argv(False), env=env)
+        if code != 0:
+            raise CliError(f"preparing {BUNDLED_MODEL} failed (exit code {code})")
+
+    started = time.time()
     stack.spawn("gateway", [sys.executable, "-m", "gateway"], gateway_env)
     for n in range(args.workers):
         stack.spawn(f"worker {n + 1}", [sys.executable, "-m", "workers"], env)
@@ -435,10 +461,13 @@ def _up(args: argparse.Namespace, settings: Settings, stack: _Stack) -> int:
     base = f"http://{_display_host(host)}:{port}"
     if not _wait_ready(stack, f"{base}/readyz", args.ready_timeout):
         return 0  # interrupted while starting: a requested stop
+    keys = Keys(settings.key_prefix)
+    if args.workers and not _wait_model(stack, redis_url, keys, model, started, args):
+        return 0
 
     public = (settings.public_url or base).rstrip("/")
     ws = "ws" + public[len("http") :] if public.startswith("http") else public
-    jobs = Keys(settings.key_prefix).jobs_stream(model)
+    jobs = keys.jobs_stream(model)
     rows = [
         ("gateway", public),
         ("websocket", f"{ws}/v1/ws"),
@@ -462,6 +491,38 @@ def _up(args: argparse.Namespace, settings: Settings, stack: _Stack) -> int:
         time.sleep(0.2)
     _say(f"received {signal.Signals(stack.signals[0]).name}: stopping")
     return 0
+
+
+def _wait_model(
+    stack: _Stack, redis_url: str, keys: Keys, model: str, since: float, args: argparse.Namespace
+) -> bool:
+    """Wait until a worker started here announces ``model`` (its engine has loaded it)."""
+    _say(f"waiting for a worker to load {model!r} ...")
+    client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
+    start = time.monotonic()
+    last_report = start
+    try:
+        while not stack.stopping:
+            dead = stack.dead_child()
+            if dead is not None:
+                raise CliError(
+                    f"{dead.name} (pid {dead.proc.pid}) exited with code "
+                    f"{dead.proc.returncode} before it was ready"
+                )
+            with contextlib.suppress(redis.RedisError):
+                score = client.zscore(keys.models, model)
+                if score is not None and float(score) >= since:
+                    return True
+            now = time.monotonic()
+            if now - start > args.ready_timeout:
+                raise CliError(f"no worker announced {model!r} after {args.ready_timeout:.0f}s")
+            if now - last_report >= 5.0:
+                _say(f"  ... {now - start:.0f}s: the engine is still starting")
+                last_report = now
+            time.sleep(0.2)
+        return False
+    finally:
+        client.close()
 
 
 def _wait_ready(stack: _Stack, url: str, timeout_s: float) -> bool:
@@ -536,7 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="always start a private redis-server, even when the configured Redis answers",
     )
     up.add_argument(
-        "--ready-timeout", type=float, default=60.0, help="seconds to wait for /readyz (60)"
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for /readyz, then for the workers' engines (600)",
     )
     up.add_argument(
         "--grace", type=float, default=10.0, help="seconds children get to stop before a kill"
@@ -550,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run one worker (python -m workers)")
     _add_worker_options(worker)
     worker.set_defaults(func=_cmd_worker)
+
+    prepare = sub.add_parser(
+        "prepare-model",
+        help=f"convert the bundled {BUNDLED_MODEL} into the model cache (once; offline)",
+    )
+    prepare.add_argument("--force", action="store_true", help="convert again even if prepared")
+    prepare.set_defaults(func=_cmd_prepare_model)
 
     schema = sub.add_parser("schema", help="write the JSON Schema of a job")
     schema.add_argument(

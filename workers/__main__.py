@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 from prometheus_client import start_http_server
@@ -13,6 +14,7 @@ from prometheus_client import start_http_server
 from shared.logs import log, setup
 from shared.settings import Settings
 from workers.consumer import Worker
+from workers.models import ModelError
 
 logger = logging.getLogger("tokenbus.worker")
 
@@ -51,7 +53,11 @@ def main() -> None:
     setup(os.environ.get("TOKENBUS_LOG_LEVEL", "INFO").upper())
     settings = Settings()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(settings))
+        try:
+            runner.run(serve(settings))
+        except ModelError as exc:  # a configuration problem: say it in one line, no traceback
+            log(logger, "engine_failed", logging.ERROR, error=str(exc))
+            sys.exit(2)
 
 
 if __name__ == "__main__":

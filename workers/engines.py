@@ -7,11 +7,13 @@ from collections.abc import Callable
 from shared.settings import Settings
 from workers.engine import Engine
 from workers.synthetic import SyntheticEngine
+from workers.vllm_engine import VllmEngine
 
 EngineFactory = Callable[[Settings], Engine]
 
 ENGINES: dict[str, EngineFactory] = {
     "synthetic": SyntheticEngine,
+    "vllm": VllmEngine,
 }
 
 

