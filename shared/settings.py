@@ -103,8 +103,8 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(
         0.9, description="vLLM on a GPU: share of GPU memory the engine may use."
     )
-    cpu_kv_cache_gib: float = Field(
-        1.0, description="vLLM on a CPU: GiB of KV cache (sets VLLM_CPU_KVCACHE_SPACE)."
+    cpu_kv_cache_gib: int = Field(
+        1, ge=1, description="vLLM on a CPU: GiB of KV cache (sets VLLM_CPU_KVCACHE_SPACE)."
     )
     dtype: str = Field("auto", description="vLLM: weight and activation dtype.")
     engine_args: str = Field(

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from redis.asyncio import Redis
@@ -9,6 +11,9 @@ from redis.asyncio import Redis
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.redis_server import test_redis
+
+if TYPE_CHECKING:
+    from tests.engine_thread import ThreadedEngine
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +54,37 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     async for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
         await client.delete(key)
     await client.aclose()
+
+
+#: The model name the tiny test model is served under (and its jobs stream).
+TINY_MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> Iterator[ThreadedEngine]:
+    """One real vLLM engine on a tiny random model, built offline, for the whole session."""
+    from tests.engine_thread import ThreadedEngine
+    from tests.tiny_model import build_tiny_model
+    from workers.vllm_engine import VllmEngine
+
+    started = time.monotonic()
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    built = time.monotonic()
+    engine_settings = Settings(
+        redis_url=redis_url,
+        engine="vllm",
+        model=TINY_MODEL,
+        model_path=str(folder),
+        worker_slots=32,
+        cpu_kv_cache_gib=1,
+    )
+    engine = ThreadedEngine(VllmEngine(engine_settings))
+    engine.run(engine.inner.start())
+    print(
+        f"\ntiny vLLM engine: model built in {built - started:.1f} s, "
+        f"engine started in {time.monotonic() - built:.1f} s"
+    )
+    yield engine
+    engine.shutdown()

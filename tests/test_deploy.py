@@ -17,6 +17,7 @@ import yaml
 from shared.codec import BadJob, decode_job, encode_job
 from shared.keys import JOB_FIELD
 from shared.protocol import Job, job_json_schema
+from shared.settings import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_JOB: dict[str, Any] = {
@@ -174,4 +175,4 @@ def test_readme_xadd_example_is_a_valid_job() -> None:
     for stream, payload in examples:
         job = decode_job({JOB_FIELD: payload})
         assert isinstance(job, Job)
-        assert stream == "tokenbus:jobs:synthetic"
+        assert stream == f"tokenbus:jobs:{BUNDLED_MODEL}"

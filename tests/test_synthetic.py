@@ -14,7 +14,8 @@ from workers.synthetic import WORDS, SyntheticEngine, synthetic_text
 
 
 def fast(**overrides: float) -> Settings:
-    base: dict[str, float] = {
+    base: dict[str, float | str] = {
+        "engine": "synthetic",
         "synthetic_ttft_ms": 1,
         "synthetic_tokens_per_s": 5000,
         "synthetic_tokens": 30,

@@ -531,6 +531,8 @@ async def test_python_m_workers_runs_a_job_and_stops_on_sigterm(
     env.update(
         TOKENBUS_REDIS_URL=settings.redis_url,
         TOKENBUS_KEY_PREFIX=settings.key_prefix,
+        TOKENBUS_ENGINE="synthetic",
+        TOKENBUS_MODEL=settings.model,
         TOKENBUS_SYNTHETIC_TTFT_MS="5",
         TOKENBUS_SYNTHETIC_TOKENS_PER_S="2000",
         TOKENBUS_SYNTHETIC_TOKENS="12",

@@ -99,9 +99,7 @@ class VllmEngine:
         on_cpu = bool(current_platform.is_cpu())
         if on_cpu:
             # Read by the engine process when it starts: set before creating it.
-            os.environ.setdefault(
-                "VLLM_CPU_KVCACHE_SPACE", f"{max(self._settings.cpu_kv_cache_gib, 0.1):g}"
-            )
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._settings.cpu_kv_cache_gib))
         args = engine_arguments(self._settings, source, on_cpu=on_cpu)
         log(
             logger,

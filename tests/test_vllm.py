@@ -1,0 +1,344 @@
+"""The vllm engine for real, on the CPU: gateway -> Redis -> worker -> vLLM -> client.
+
+Every test shares one engine (``tiny_engine``) on a tiny random model; each runs its own worker
+on its own key prefix in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from shared.codec import text as text_of
+from shared.keys import Keys
+from shared.protocol import ChatMessage, Job, SamplingParams
+from shared.settings import Settings
+from tests.clients import (
+    answer_text,
+    assert_contiguous,
+    follow,
+    read_sse_until,
+    sse_events,
+    ws_receive_until,
+)
+from tests.conftest import TINY_MODEL
+from tests.engine_thread import ThreadedEngine
+from tests.servers import running_gateway
+from tests.tiny_model import CONTEXT
+from workers.consumer import Worker
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def vsettings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={"engine": "vllm", "model": TINY_MODEL, "default_model": TINY_MODEL}
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, engine: ThreadedEngine) -> AsyncIterator[Worker]:
+    worker = Worker(settings, engine=engine, drain_timeout_s=10.0)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 30)
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        await task
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    settings: Settings, engine: ThreadedEngine
+) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    async with (
+        running_worker(settings, engine),
+        running_gateway(settings) as base,
+        aiohttp.ClientSession() as http,
+    ):
+        yield base, http
+
+
+async def new_session(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with http.post(f"{base}/v1/sessions") as response:
+        assert response.status == 201
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+def auth(session: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {session['token']}"}
+
+
+async def post_job(
+    http: aiohttp.ClientSession, session: dict[str, Any], body: dict[str, Any]
+) -> str:
+    async with http.post(session["jobs_url"], json=body, headers=auth(session)) as response:
+        reply = await response.json()
+        assert response.status == 202, reply
+        job_id: str = reply["job_id"]
+        return job_id
+
+
+async def reference(engine: ThreadedEngine, job: Job, prefix: str = "") -> str:
+    """The engine's answer to ``job`` asked directly, with no worker, Redis or gateway."""
+    return "".join([d.text async for d in engine.generate(job, prefix=prefix)])
+
+
+def greedy_job(max_tokens: int, stop: list[str] | None = None) -> Job:
+    return Job(
+        session_id="reference",
+        model=TINY_MODEL,
+        messages=[ChatMessage(role="user", content=QUESTION[0]["content"])],
+        sampling=SamplingParams(temperature=0.0, stop=stop or []),
+        max_tokens=max_tokens,
+    )
+
+
+async def wait_unfinished_zero(engine: ThreadedEngine) -> int:
+    """vLLM's count of unfinished requests once it reaches 0 (or after 10 s)."""
+    left = await engine.unfinished_requests()
+    for _ in range(200):
+        if left == 0:
+            break
+        await asyncio.sleep(0.05)
+        left = await engine.unfinished_requests()
+    return left
+
+
+async def test_chat_answer_streams_through_the_stack_to_ws_and_sse(
+    vsettings: Settings, tiny_engine: ThreadedEngine
+) -> None:
+    async with stack(vsettings, tiny_engine) as (base, http):
+        session = await new_session(http, base)
+        sid = session["session_id"]
+        sse = asyncio.create_task(read_sse_until(http, session["sse_url"], timeout=60))
+        async with http.ws_connect(session["ws_url"]) as ws:
+            await follow(ws, sid)
+            await ws.send_json(
+                {"type": "prompt", "messages": QUESTION, "temperature": 0, "max_tokens": 24}
+            )
+            ws_events = await ws_receive_until(ws, timeout=60)
+        sse_events_ = [e.data for e in await sse]
+
+    want = await reference(tiny_engine, greedy_job(24))
+    assert want.strip()
+    for events in (ws_events, sse_events_):
+        session_events = [e for e in events if "offset" in e]
+        assert session_events[0]["type"] == "stream_start"
+        assert answer_text(events) == want
+        assert_contiguous(events)
+    end = sse_events_[-1]
+    assert end["type"] == "stream_end" and end["finish_reason"] == "length"
+    prompt_ids = tiny_engine.inner.render(greedy_job(24))
+    assert end["usage"] == {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": 24,
+        "total_tokens": len(prompt_ids) + 24,
+    }
+    assert sum(e["tokens"] for e in sse_events_ if e["type"] == "delta") == 24
+
+
+async def test_sixteen_concurrent_jobs_are_batched_and_all_complete(
+    vsettings: Settings, tiny_engine: ThreadedEngine
+) -> None:
+    n, max_tokens = 16, 96
+    async with stack(vsettings, tiny_engine) as (base, http):
+        sessions = [await new_session(http, base) for _ in range(n)]
+        readers = [
+            asyncio.create_task(read_sse_until(http, s["sse_url"], timeout=120)) for s in sessions
+        ]
+        await asyncio.sleep(0.2)
+        for i, session in enumerate(sessions):
+            body = {"prompt": f"story number {i}", "seed": i, "max_tokens": max_tokens}
+            await post_job(http, session, body)
+        # Sampled while they run: more than one request inside vLLM at once is batching.
+        most_at_once = 0
+        while not all(r.done() for r in readers):
+            most_at_once = max(most_at_once, await tiny_engine.unfinished_requests())
+            await asyncio.sleep(0.01)
+        results = [[e.data for e in await r] for r in readers]
+    texts = set()
+    for events in results:
+        end = events[-1]
+        assert end["type"] == "stream_end" and end["finish_reason"] == "length"
+        assert end["usage"]["completion_tokens"] == max_tokens
+        assert sum(e["tokens"] for e in events if e["type"] == "delta") == max_tokens
+        assert_contiguous(events)
+        texts.add(answer_text(events))
+    assert len(texts) == n  # each job its own answer (own prompt and seed)
+    assert most_at_once > 1
+    print(f"\n16 concurrent jobs: up to {most_at_once} running in vLLM at once")
+
+
+async def test_cancel_by_ws_http_and_control_entry_aborts_and_frees_the_slot(
+    vsettings: Settings, tiny_engine: ThreadedEngine, redis: Redis, keys: Keys
+) -> None:
+    # One slot: each next job runs only if the cancelled one gave its slot back.
+    one_slot = vsettings.model_copy(update={"worker_slots": 1})
+    long = {"prompt": "a long story", "max_tokens": CONTEXT - 32, "temperature": 0.9}
+    async with stack(one_slot, tiny_engine) as (base, http):
+        session = await new_session(http, base)
+        sid = session["session_id"]
+        async with http.ws_connect(session["ws_url"]) as ws:
+            await follow(ws, sid)
+            ended: list[dict[str, Any]] = []
+
+            async def run_and_cancel(how: str) -> None:
+                await ws.send_json({"type": "prompt", **long})
+                job_id = (await ws_receive_until(ws, until_type="queued"))[-1]["job_id"]
+                await ws_receive_until(ws, until_type="delta", count=3, timeout=60)
+                assert await tiny_engine.unfinished_requests() == 1
+                if how == "ws":
+                    await ws.send_json({"type": "cancel", "job_id": job_id})
+                elif how == "http":
+                    url = f"{session['jobs_url']}/{job_id}"
+                    async with http.delete(url, headers=auth(session)) as response:
+                        assert response.status == 202
+                else:  # what another service writes: a control entry, straight to Redis
+                    await redis.xadd(keys.control, {"action": "cancel", "job_id": job_id})
+                events = await ws_receive_until(ws, timeout=60)
+                end = events[-1]
+                assert end["job_id"] == job_id and end["finish_reason"] == "cancelled"
+                assert end["usage"]["completion_tokens"] < long["max_tokens"]
+                ended.append(end)
+                assert await wait_unfinished_zero(tiny_engine) == 0
+
+            for how in ("ws", "http", "control"):
+                await run_and_cancel(how)
+            # The slot is free: a last job runs to its end.
+            await ws.send_json({"type": "prompt", "prompt": "after", "max_tokens": 8})
+            last = (await ws_receive_until(ws, timeout=60))[-1]
+        assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 8
+        for end in ended:
+            state = await redis.hget(keys.job(end["job_id"]), "state")
+            assert state == b"cancelled"
+
+
+async def test_job_cancelled_while_queued_never_runs(
+    vsettings: Settings, tiny_engine: ThreadedEngine, redis: Redis, keys: Keys
+) -> None:
+    one_slot = vsettings.model_copy(update={"worker_slots": 1})
+    async with stack(one_slot, tiny_engine) as (base, http):
+        session = await new_session(http, base)
+        reader = asyncio.create_task(read_sse_until(http, session["sse_url"], count=2))
+        await asyncio.sleep(0.2)
+        running = await post_job(http, session, {"prompt": "first", "max_tokens": CONTEXT - 32})
+        queued = await post_job(http, session, {"prompt": "second", "max_tokens": 8})
+        for job_id in (queued, running):
+            async with http.delete(
+                f"{session['jobs_url']}/{job_id}", headers=auth(session)
+            ) as response:
+                assert response.status == 202
+        events = [e.data for e in await reader]
+        assert await wait_unfinished_zero(tiny_engine) == 0
+    ends = {e["job_id"]: e for e in events if e["type"] == "stream_end"}
+    assert ends[queued]["finish_reason"] == "cancelled"
+    assert ends[running]["finish_reason"] == "cancelled"
+    # Never run: no stream_start, no deltas, no attempt counted, no worker named.
+    assert not [e for e in events if e.get("job_id") == queued and e["type"] != "stream_end"]
+    record = await redis.hgetall(keys.job(queued))
+    assert record[b"state"] == b"cancelled"
+    assert record.get(b"attempts", b"0") == b"0" and b"worker" not in record, record
+
+
+async def test_bad_requests_get_error_events_and_the_worker_goes_on(
+    vsettings: Settings, tiny_engine: ThreadedEngine, redis: Redis, keys: Keys
+) -> None:
+    async with stack(vsettings, tiny_engine) as (base, http):
+        session = await new_session(http, base)
+        sid = session["session_id"]
+        reader = asyncio.create_task(read_sse_until(http, session["sse_url"], timeout=60))
+        await asyncio.sleep(0.2)
+        too_long = " ".join(["capital"] * (CONTEXT + 50))
+        long_job = await post_job(http, session, {"prompt": too_long})
+        stream = keys.jobs_stream(TINY_MODEL)
+        wrong_model = {"v": 1, "id": "job-wrong", "session_id": sid, "prompt": "x", "model": "nope"}
+        await redis.xadd(stream, {"job": json.dumps(wrong_model)})
+        good = await post_job(http, session, {"prompt": "still fine", "max_tokens": 6})
+        events = [e.data for e in await reader]
+    errors = {e["job_id"]: e for e in events if e["type"] == "error"}
+    assert errors[long_job]["code"] == "context_length_exceeded"
+    assert f"context of {CONTEXT} tokens" in errors[long_job]["message"]
+    assert errors["job-wrong"]["code"] == "unknown_model"
+    end = events[-1]
+    assert end["type"] == "stream_end" and end["job_id"] == good
+    assert end["usage"]["completion_tokens"] == 6
+    assert await redis.hget(keys.job(long_job), "state") == b"failed"
+
+
+async def test_stop_strings_end_the_answer_before_them(tiny_engine: ThreadedEngine) -> None:
+    free = await reference(tiny_engine, greedy_job(40))
+    # Stop at a piece of text the model is known to produce, a few words in.
+    cut = len(free) // 2
+    stop = free[cut : cut + 3]
+    assert stop.strip()
+    stopped = greedy_job(40, stop=[stop])
+    deltas = [d async for d in tiny_engine.generate(stopped)]
+    text = "".join(d.text for d in deltas)
+    assert text == free[: free.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+async def test_interrupted_answer_continues_from_published_text_without_repeats(
+    vsettings: Settings, tiny_engine: ThreadedEngine, redis: Redis, keys: Keys
+) -> None:
+    max_tokens = 400  # long enough that the stop comes mid-answer
+    async with aiohttp.ClientSession() as http, running_gateway(vsettings) as base:
+        session = await new_session(http, base)
+        sid = session["session_id"]
+        job = Job(
+            id="job-continued",
+            session_id=sid,
+            model=TINY_MODEL,
+            messages=[ChatMessage(role="user", content="Tell me a long story.")],
+            sampling=SamplingParams(temperature=0.0),
+            max_tokens=max_tokens,
+        )
+        entry: dict[Any, Any] = {"job": job.model_dump_json()}
+        events: list[dict[str, Any]] = []
+        async with http.get(session["sse_url"]) as response:
+            stream = sse_events(response)
+            # First worker: stopped after 5 deltas; its job stays unacknowledged.
+            first = Worker(vsettings, engine=tiny_engine, drain_timeout_s=0.0)
+            task = asyncio.create_task(first.run())
+            await first.ready.wait()
+            await redis.xadd(keys.jobs_stream(TINY_MODEL), entry)
+            async for event in stream:
+                events.append(event.data)
+                if sum(e["type"] == "delta" for e in events) == 5:
+                    break
+            await first.stop()
+            await task
+            assert await wait_unfinished_zero(tiny_engine) == 0
+            # What clients saw up to the stop (the 5 deltas and any published after them).
+            published = text_of(await redis.get(keys.job_text(sid, job.id)) or b"")
+            assert published.startswith(answer_text(events))
+
+            # Second worker: the same job again, as the recovery will hand it over.
+            async with running_worker(vsettings, tiny_engine):
+                await redis.xadd(keys.jobs_stream(TINY_MODEL), entry)
+                async for event in stream:
+                    events.append(event.data)
+                    if event.data["type"] in ("stream_end", "error"):
+                        break
+
+    assert [e["type"] for e in events].count("stream_start") == 1
+    end = events[-1]
+    assert end["type"] == "stream_end", end
+    text = answer_text(events)
+    # One answer: the published part, then exactly what the engine continues it with.
+    assert text.startswith(published) and len(text) > len(published)
+    assert text == published + await reference(tiny_engine, job, prefix=published)
+    assert_contiguous(events)
+    assert end["usage"]["completion_tokens"] == max_tokens
+    assert await redis.hget(keys.job(job.id), "attempts") == b"2"
