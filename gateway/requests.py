@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.protocol import ChatMessage, DisconnectPolicy, Job, SamplingParams
+from shared.protocol import ChatMessage, DisconnectPolicy, Job, SamplingParams, StopString
 
 
 class PromptRequest(BaseModel):
@@ -22,8 +22,8 @@ class PromptRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: list[StopString] = Field(default_factory=list, max_length=16)
     on_disconnect: DisconnectPolicy = "continue"
     timeout_s: float | None = Field(None, gt=0, description="Drop the job if not started by then.")
 

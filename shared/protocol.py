@@ -33,11 +33,15 @@ class ChatMessage(_Model):
     content: str
 
 
+StopString: TypeAlias = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
 class SamplingParams(_Model):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    # What torch's generators accept: a seed outside it would fail inside the engine.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: list[StopString] = Field(default_factory=list, max_length=16)
 
 
 class Job(_Model):

@@ -264,12 +264,21 @@ async def test_bad_requests_get_error_events_and_the_worker_goes_on(
         stream = keys.jobs_stream(TINY_MODEL)
         wrong_model = {"v": 1, "id": "job-wrong", "session_id": sid, "prompt": "x", "model": "nope"}
         await redis.xadd(stream, {"job": json.dumps(wrong_model)})
+        empty_stop = {"v": 1, "id": "job-stop", "session_id": sid, "prompt": "x"}
+        empty_stop["sampling"] = {"stop": [""]}  # vLLM refuses it: so does the schema
+        await redis.xadd(stream, {"job": json.dumps(empty_stop)})
+        async with http.post(
+            session["jobs_url"], json={"prompt": "x", "stop": [""]}, headers=auth(session)
+        ) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["param"] == "stop.0"
         good = await post_job(http, session, {"prompt": "still fine", "max_tokens": 6})
         events = [e.data for e in await reader]
     errors = {e["job_id"]: e for e in events if e["type"] == "error"}
     assert errors[long_job]["code"] == "context_length_exceeded"
     assert f"context of {CONTEXT} tokens" in errors[long_job]["message"]
     assert errors["job-wrong"]["code"] == "unknown_model"
+    assert errors["job-stop"]["code"] == "invalid_job" and "stop" in errors["job-stop"]["message"]
     end = events[-1]
     assert end["type"] == "stream_end" and end["job_id"] == good
     assert end["usage"]["completion_tokens"] == 6

@@ -23,7 +23,7 @@ from shared.protocol import TERMINAL_TYPES, Job
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
 from workers.consumer import Worker
-from workers.engine import EngineDelta, EngineError
+from workers.engine import EngineDead, EngineDelta, EngineError
 from workers.publisher import JobPublisher
 from workers.synthetic import SyntheticEngine, synthetic_text
 
@@ -561,3 +561,37 @@ async def test_python_m_workers_runs_a_job_and_stops_on_sigterm(
     assert "worker_ready" in names and "job_finished" in names and "worker_stopped" in names
     ready = next(line for line in lines if line["event"] == "worker_ready")
     assert (ready["model"], ready["consumer"]) == (settings.model, "w-proc")
+
+
+class _DyingEngine(SyntheticEngine):
+    """The synthetic engine until its (simulated) engine process dies after two tokens."""
+
+    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+        n = 0
+        async for delta in super().generate(job, prefix=prefix):
+            if n == 2:
+                raise EngineDead("the engine process exited")
+            n += 1
+            yield delta
+
+
+async def test_dead_engine_stops_the_worker_and_leaves_the_job_for_another(
+    settings: Settings, redis: Redis, keys: Keys, start_worker: StartWorker
+) -> None:
+    worker = await start_worker(_DyingEngine(settings))
+    job = {"id": "job-orphan", "session_id": "sess-orphan", "prompt": "p"}
+    await xadd_json(redis, keys, settings, job)
+
+    async def failed() -> bool:
+        return worker.failure is not None
+
+    await wait_until(failed, "the worker to notice its engine died")
+    assert worker.failure is not None and "engine process exited" in worker.failure
+    await asyncio.wait_for(worker.stop(), WAIT_S)
+    # Not acknowledged, no terminal event: the job is another worker's to continue.
+    assert await pending(redis, keys, settings) == 1
+    events = await history(redis, keys, "sess-orphan")
+    assert events[0]["type"] == "stream_start"
+    assert {e["type"] for e in events[1:]} == {"delta"}
+    published = "".join(e["delta"] for e in events[1:])
+    assert published and answer(job, 2).startswith(published)

@@ -32,6 +32,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, worker.request_stop)
     try:
         await worker.run()
+        if worker.failure is not None:
+            sys.exit(1)  # for the supervisor to restart it
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

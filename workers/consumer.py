@@ -30,7 +30,7 @@ from shared.scripts import SessionPublisher
 from shared.settings import Settings
 from workers.control import control_tail, read_control
 from workers.deadletter import dead_letter
-from workers.engine import Engine, EngineDelta, EngineError
+from workers.engine import Engine, EngineDead, EngineDelta, EngineError
 from workers.engines import make_engine
 from workers.heartbeat import beat
 from workers.intake import Fields, check_limits, stream_entries, usable_ids
@@ -97,6 +97,8 @@ class Worker:
         self._started_at = time.time()
         self._started = False
         self._in_run = False
+        #: Why the worker stopped on its own (its engine died); None after a requested stop.
+        self.failure: str | None = None
 
     @property
     def running(self) -> int:
@@ -365,6 +367,11 @@ class Worker:
                 logger, "job_interrupted", logging.WARNING, job_id=job.id, entry_id=running.entry_id
             )
             raise
+        except EngineDead as exc:  # left pending: another worker continues it
+            if self.failure is None:
+                self.failure = str(exc)
+                log(logger, "engine_dead", logging.ERROR, job_id=job.id, error=str(exc))
+            self.request_stop()
         except Exception as exc:  # Redis failed under us: leave the entry pending for a retry
             log(
                 logger,
@@ -465,7 +472,7 @@ class Worker:
             finished = True
             await pub.error(exc.code, exc.message)
             return _Outcome("failed", exc.code, pub.published_tokens, first_token_s)
-        except (RedisError, asyncio.CancelledError):
+        except (RedisError, asyncio.CancelledError, EngineDead):
             raise
         except Exception as exc:
             if pub.ended:

@@ -29,6 +29,14 @@ class EngineError(Exception):
         self.message = message
 
 
+class EngineDead(Exception):
+    """The engine can run nothing any more (its process died): the worker stops.
+
+    The job that saw it is left unacknowledged, for another worker to continue; publishing an
+    error would turn one broken worker into failed answers for every session it holds.
+    """
+
+
 class Engine(Protocol):
     """One engine per worker, shared by all its running jobs (continuous batching)."""
 

@@ -22,7 +22,7 @@ from typing import Any
 from shared.logs import log
 from shared.protocol import FinishReason, Job, Usage
 from shared.settings import Settings
-from workers.engine import EngineDelta, EngineError
+from workers.engine import EngineDead, EngineDelta, EngineError
 from workers.models import ModelError, model_source
 
 logger = logging.getLogger("tokenbus.worker.vllm")
@@ -169,7 +169,7 @@ class VllmEngine:
                 max_tokens=room,
                 output_kind=RequestOutputKind.DELTA,
             )
-        except ValueError as exc:
+        except Exception as exc:  # vLLM's validation errors are not all ValueErrors
             raise EngineError("invalid_sampling", str(exc)) from exc
 
     async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
@@ -197,6 +197,7 @@ class VllmEngine:
         completion = done
         try:
             from vllm.exceptions import VLLMClientError
+            from vllm.v1.engine.exceptions import EngineDeadError
 
             try:
                 async for out in llm.generate({"prompt_token_ids": full}, params, request_id):
@@ -214,6 +215,8 @@ class VllmEngine:
                     return
             except VLLMClientError as exc:
                 raise EngineError("invalid_request", str(exc)) from exc
+            except EngineDeadError as exc:
+                raise EngineDead(f"the vLLM engine died: {exc}") from exc
             # A stream that ends without a finished output was aborted under us.
             yield EngineDelta("", 0, time.time(), "cancelled", _usage(prompt_len, completion))
         finally:
