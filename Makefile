@@ -77,7 +77,7 @@ format: setup
 
 # pytest's exit code 5 (no tests collected) fails the run like any other: we always have tests.
 test: lint
-	@$(BIN)/pytest -q || { rc=$$?; \
+	@$(BIN)/pytest -q --durations=12 || { rc=$$?; \
 		[ $$rc -ne 5 ] || echo "pytest collected no tests: that is a failure here"; exit $$rc; }
 
 schema: setup

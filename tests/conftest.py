@@ -16,6 +16,21 @@ if TYPE_CHECKING:
     from tests.engine_thread import ThreadedEngine
 
 
+#: Numbers worth seeing in every run (CI's log included), printed after the test summary.
+REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if REPORT:
+        terminalreporter.section("tokenbus numbers")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     with test_redis() as url:
@@ -82,8 +97,8 @@ def tiny_engine(
     )
     engine = ThreadedEngine(VllmEngine(engine_settings))
     engine.run(engine.inner.start())
-    print(
-        f"\ntiny vLLM engine: model built in {built - started:.1f} s, "
+    report(
+        f"tiny vLLM engine: model built in {built - started:.1f} s, "
         f"engine started in {time.monotonic() - built:.1f} s"
     )
     yield engine

@@ -24,6 +24,7 @@ from tests.clients import (
     sse_events,
     ws_receive_until,
 )
+from tests.conftest import report
 from tests.servers import gateway_process, running_gateway
 from workers.consumer import Worker
 from workers.synthetic import synthetic_text
@@ -140,8 +141,8 @@ async def test_200_concurrent_sessions_each_get_every_delta_once(
         assert_contiguous(events)
         assert events[-1]["type"] == "stream_end"
         deltas += sum(1 for e in events if e["type"] == "delta")
-    print(
-        f"\n200 sessions x {n_tokens} tokens: {elapsed:.2f} s wall, "
+    report(
+        f"200 sessions x {n_tokens} tokens (synthetic): {elapsed:.2f} s wall, "
         f"{n_sessions * n_tokens / elapsed:.0f} tokens/s delivered, {deltas} delta events"
     )
 

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from shared.keys import Keys
 from shared.settings import BUNDLED_MODEL, Settings
 from tests.clients import answer_text, follow, ws_receive_until
+from tests.conftest import report
 from tests.servers import running_gateway, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,9 +98,9 @@ async def test_prepared_smollm2_answers_a_chat_prompt_through_the_stack(
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(60)
     answer = answer_text(events)
-    print(
-        f"\nSmolLM2: prepared in {prepare_s:.1f} s, engine ready in {engine_s:.1f} s; "
-        f"answer: {answer!r}"
+    report(
+        f"SmolLM2: prepared in {prepare_s:.1f} s, worker's engine ready in {engine_s:.1f} s; "
+        f"'What is the capital of France?' -> {answer!r}"
     )
     assert code == 0, log_path.read_text()[-3000:]
     assert "Paris" in answer

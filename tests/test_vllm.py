@@ -28,7 +28,7 @@ from tests.clients import (
     sse_events,
     ws_receive_until,
 )
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, report
 from tests.engine_thread import ThreadedEngine
 from tests.servers import running_gateway
 from tests.tiny_model import CONTEXT
@@ -177,7 +177,7 @@ async def test_sixteen_concurrent_jobs_are_batched_and_all_complete(
         texts.add(answer_text(events))
     assert len(texts) == n  # each job its own answer (own prompt and seed)
     assert most_at_once > 1
-    print(f"\n16 concurrent jobs: up to {most_at_once} running in vLLM at once")
+    report(f"vLLM, 16 concurrent jobs: up to {most_at_once} running in the engine at once")
 
 
 async def test_cancel_by_ws_http_and_control_entry_aborts_and_frees_the_slot(
