@@ -11,6 +11,7 @@ already published, and the prompt token count in ``usage`` is exact.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,7 +28,13 @@ from workers.models import ModelError, model_source
 
 logger = logging.getLogger("tokenbus.worker.vllm")
 
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+# vLLM's finish reasons; "error" (a request-level internal error) becomes an error event.
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "cancelled",
+    "repetition": "stop",  # vLLM cut a repetitive answer short: it stopped, by its own rule
+}
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -145,9 +152,14 @@ class VllmEngine:
                     f"model {self._settings.model!r} has no chat template: send 'prompt' text",
                 )
             messages = [{"role": m.role, "content": m.content} for m in job.messages]
-            text: str = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            try:
+                text: str = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # templates raise on conversations they do not allow
+                raise EngineError(
+                    "invalid_messages", f"the model's chat template refused the messages: {exc}"
+                ) from exc
             ids = list(tokenizer.encode(text, add_special_tokens=False))
         else:
             ids = list(tokenizer.encode(job.prompt or ""))
@@ -176,8 +188,9 @@ class VllmEngine:
         llm = self.llm
         if job.id in self._requests:
             raise EngineError("duplicate_job", f"job {job.id} is already running")
-        full = self.render(job, prefix)
-        prompt_len = len(self.render(job)) if prefix else len(full)
+        # Off the event loop: a long prompt takes milliseconds to tokenize.
+        full = await asyncio.to_thread(self.render, job, prefix)
+        prompt_len = len(await asyncio.to_thread(self.render, job)) if prefix else len(full)
         done = len(full) - prompt_len  # answer tokens an earlier attempt published
         if len(full) >= self.max_model_len:
             raise EngineError(
@@ -208,7 +221,12 @@ class VllmEngine:
                         if output.text or n:
                             yield EngineDelta(output.text, n, time.time())
                         continue
-                    reason = _FINISH.get(str(output.finish_reason), "stop")
+                    reason = _FINISH.get(str(output.finish_reason))
+                    if reason is None:
+                        raise EngineError(
+                            "engine_error",
+                            f"vLLM ended the request with {output.finish_reason!r}: try again",
+                        )
                     yield EngineDelta(
                         output.text, n, time.time(), reason, _usage(prompt_len, completion)
                     )
