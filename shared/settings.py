@@ -106,7 +106,11 @@ class Settings(BaseSettings):
     cpu_kv_cache_gib: int = Field(
         1, ge=1, description="vLLM on a CPU: GiB of KV cache (sets VLLM_CPU_KVCACHE_SPACE)."
     )
-    dtype: str = Field("auto", description="vLLM: weight and activation dtype.")
+    dtype: str = Field(
+        "auto",
+        description="vLLM: weight and activation dtype (auto: the model's; float32 on a CPU "
+        "without native bfloat16).",
+    )
     engine_args: str = Field(
         "{}", description='vLLM: more AsyncEngineArgs as a JSON object, e.g. {"seed": 0}.'
     )

