@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -16,6 +17,8 @@ from aiohttp import web
 from gateway.app import create_app
 from shared.embedded_redis import free_port
 from shared.settings import Settings
+from workers.consumer import Worker
+from workers.engine import Engine
 
 
 @contextlib.asynccontextmanager
@@ -30,6 +33,53 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, engine: Engine | None = None) -> AsyncIterator[Worker]:
+    """An in-process worker (on ``settings.engine`` unless given one), ready when yielded."""
+    worker = Worker(settings, engine, drain_timeout_s=10.0)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 30)
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        await task
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    settings: Settings, engine: Engine | None = None
+) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    """A worker and a gateway; yields the gateway's base URL and an HTTP client."""
+    async with (
+        running_worker(settings, engine),
+        running_gateway(settings) as base,
+        aiohttp.ClientSession() as http,
+    ):
+        yield base, http
+
+
+async def new_session(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with http.post(f"{base}/v1/sessions") as response:
+        assert response.status == 201
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+def auth(session: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {session['token']}"}
+
+
+async def post_job(
+    http: aiohttp.ClientSession, session: dict[str, Any], body: dict[str, Any]
+) -> str:
+    async with http.post(session["jobs_url"], json=body, headers=auth(session)) as response:
+        reply = await response.json()
+        assert response.status == 202, reply
+        job_id: str = reply["job_id"]
+        return job_id
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,49 +23,8 @@ from tests.clients import (
     ws_receive_until,
 )
 from tests.conftest import report
-from tests.servers import gateway_process, running_gateway
-from workers.consumer import Worker
+from tests.servers import gateway_process, new_session, post_job, stack
 from workers.synthetic import synthetic_text
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    worker = Worker(settings, drain_timeout_s=5.0)
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.ready.wait(), 30)
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-        await task
-
-
-@contextlib.asynccontextmanager
-async def stack(settings: Settings) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
-    async with (
-        running_worker(settings),
-        running_gateway(settings) as base,
-        aiohttp.ClientSession() as http,
-    ):
-        yield base, http
-
-
-async def new_session(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
-    async with http.post(f"{base}/v1/sessions") as response:
-        assert response.status == 201
-        body: dict[str, Any] = await response.json()
-        return body
-
-
-async def post_job(
-    http: aiohttp.ClientSession, session: dict[str, Any], body: dict[str, Any]
-) -> str:
-    headers = {"Authorization": f"Bearer {session['token']}"}
-    async with http.post(session["jobs_url"], json=body, headers=headers) as response:
-        reply = await response.json()
-        assert response.status == 202, reply
-        job_id: str = reply["job_id"]
-        return job_id
 
 
 def expected(job_id: str, session_id: str, prompt: str, n: int) -> str:

@@ -24,8 +24,15 @@ from shared.protocol import Delta, Job, StreamEnd, StreamStart
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
 from tests.clients import answer_text, follow, read_sse_until, ws_receive_until
-from tests.servers import running_gateway, settings_env, wait_ready
-from tests.test_e2e import new_session, post_job, running_worker, stack
+from tests.servers import (
+    new_session,
+    post_job,
+    running_gateway,
+    running_worker,
+    settings_env,
+    stack,
+    wait_ready,
+)
 
 WAIT_S = 30.0  # a failsafe for hung tests, never a speed requirement
 

@@ -7,9 +7,7 @@ on its own key prefix in front of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -30,7 +28,7 @@ from tests.clients import (
 )
 from tests.conftest import TINY_MODEL, report
 from tests.engine_thread import ThreadedEngine
-from tests.servers import running_gateway
+from tests.servers import auth, new_session, post_job, running_gateway, running_worker, stack
 from tests.tiny_model import CONTEXT
 from workers.consumer import Worker
 
@@ -42,51 +40,6 @@ def vsettings(settings: Settings) -> Settings:
     return settings.model_copy(
         update={"engine": "vllm", "model": TINY_MODEL, "default_model": TINY_MODEL}
     )
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings, engine: ThreadedEngine) -> AsyncIterator[Worker]:
-    worker = Worker(settings, engine=engine, drain_timeout_s=10.0)
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.ready.wait(), 30)
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-        await task
-
-
-@contextlib.asynccontextmanager
-async def stack(
-    settings: Settings, engine: ThreadedEngine
-) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
-    async with (
-        running_worker(settings, engine),
-        running_gateway(settings) as base,
-        aiohttp.ClientSession() as http,
-    ):
-        yield base, http
-
-
-async def new_session(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
-    async with http.post(f"{base}/v1/sessions") as response:
-        assert response.status == 201
-        body: dict[str, Any] = await response.json()
-        return body
-
-
-def auth(session: dict[str, Any]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {session['token']}"}
-
-
-async def post_job(
-    http: aiohttp.ClientSession, session: dict[str, Any], body: dict[str, Any]
-) -> str:
-    async with http.post(session["jobs_url"], json=body, headers=auth(session)) as response:
-        reply = await response.json()
-        assert response.status == 202, reply
-        job_id: str = reply["job_id"]
-        return job_id
 
 
 async def reference(engine: ThreadedEngine, job: Job, prefix: str = "") -> str:
