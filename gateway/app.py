@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway import sse, ws
+from gateway import openai_api, sse, ws
 from gateway.errors import ApiError, from_validation
 from gateway.history import History
 from gateway.hub import Hub
@@ -193,4 +193,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    openai_api.add_routes(app)
     return app
