@@ -60,10 +60,6 @@ def bundled_dir(settings: Settings) -> Path:
     return cache_dir(settings) / BUNDLED_MODEL
 
 
-def needs_bundled(settings: Settings) -> bool:
-    return settings.engine == "vllm" and not settings.model_path and settings.model == BUNDLED_MODEL
-
-
 def is_prepared(folder: Path) -> bool:
     return (folder / _COMPLETE).is_file()
 
