@@ -325,6 +325,10 @@ async def test_slow_ws_client_is_dropped_with_4008_and_never_slows_others(
             await pub.publish(sid, [StreamStart(job_id="j1", model="m")])
             for i in range(n_chunks):
                 await pub.publish(sid, [Delta(job_id="j1", delta=chunk, t=float(i))])
+                # A paced producer: a reading client keeps up even on a loaded two-core CI
+                # machine (seen dropped there once), while one that reads nothing still fills
+                # its socket buffers and its queue.
+                await asyncio.sleep(0.002)
             await pub.publish(sid, [StreamEnd(job_id="j1", finish_reason="stop")])
             fast_events = await reader
             # The fast client got everything, whole and in order, while the slow one lagged.
