@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -499,28 +499,16 @@ def _wait_model(
     """Wait until a worker started here announces ``model`` (its engine has loaded it)."""
     _say(f"waiting for a worker to load {model!r} ...")
     client = redis.Redis.from_url(redis_url, socket_timeout=2.0)
-    start = time.monotonic()
-    last_report = start
+
+    def announced() -> tuple[bool, str]:
+        try:
+            score = client.zscore(keys.models, model)
+        except redis.RedisError as exc:
+            return False, f"redis: {exc}"
+        return score is not None and float(score) >= since, "the engine is still starting"
+
     try:
-        while not stack.stopping:
-            dead = stack.dead_child()
-            if dead is not None:
-                raise CliError(
-                    f"{dead.name} (pid {dead.proc.pid}) exited with code "
-                    f"{dead.proc.returncode} before it was ready"
-                )
-            with contextlib.suppress(redis.RedisError):
-                score = client.zscore(keys.models, model)
-                if score is not None and float(score) >= since:
-                    return True
-            now = time.monotonic()
-            if now - start > args.ready_timeout:
-                raise CliError(f"no worker announced {model!r} after {args.ready_timeout:.0f}s")
-            if now - last_report >= 5.0:
-                _say(f"  ... {now - start:.0f}s: the engine is still starting")
-                last_report = now
-            time.sleep(0.2)
-        return False
+        return _poll(stack, announced, what=f"a worker of {model!r}", timeout_s=args.ready_timeout)
     finally:
         client.close()
 
@@ -528,23 +516,38 @@ def _wait_model(
 def _wait_ready(stack: _Stack, url: str, timeout_s: float) -> bool:
     """Poll ``url`` until it answers 200; False when a signal asked us to stop first."""
     _say(f"waiting for {url} ...")
+    return _poll(stack, lambda: _probe(url), what=url, timeout_s=timeout_s, report_s=1.0)
+
+
+def _poll(
+    stack: _Stack,
+    check: Callable[[], tuple[bool, str]],
+    *,
+    what: str,
+    timeout_s: float,
+    report_s: float = 5.0,
+) -> bool:
+    """Call ``check`` (ready?, status) until ready; False when a signal asked us to stop first.
+
+    A child that dies, or ``timeout_s`` passing, raises CliError; the status is reported every
+    ``report_s`` seconds meanwhile.
+    """
     start = time.monotonic()
     last_report = start
-    seen = "not tried yet"
     while not stack.stopping:
         dead = stack.dead_child()
         if dead is not None:
             raise CliError(
                 f"{dead.name} (pid {dead.proc.pid}) exited with code {dead.proc.returncode} "
-                "before the gateway was ready"
+                f"before {what} was ready"
             )
-        ready, seen = _probe(url)
+        ready, seen = check()
         if ready:
             return True
         now = time.monotonic()
         if now - start > timeout_s:
-            raise CliError(f"{url} not ready after {timeout_s:.0f}s (last: {seen})")
-        if now - last_report >= 1.0:
+            raise CliError(f"{what} not ready after {timeout_s:.0f}s (last: {seen})")
+        if now - last_report >= report_s:
             _say(f"  ... {now - start:.0f}s: {seen}")
             last_report = now
         time.sleep(0.2)

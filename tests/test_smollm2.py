@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -121,7 +120,7 @@ def test_worker_without_a_prepared_model_says_what_to_run(
     done = subprocess.run(
         [sys.executable, "-m", "workers"],
         cwd=ROOT,
-        env={**os.environ, **env},
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,

@@ -166,8 +166,8 @@ class VllmEngine:
         if request_id is not None and self._llm is not None:
             await self._llm.abort(request_id)
 
-    def render(self, job: Job, prefix: str = "") -> list[int]:
-        """Token ids of ``job``'s prompt, followed by ``prefix`` (an answer to continue)."""
+    def render(self, job: Job) -> list[int]:
+        """Token ids of ``job``'s prompt."""
         tokenizer = self._tokenizer
         if job.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
@@ -187,9 +187,12 @@ class VllmEngine:
             ids = list(tokenizer.encode(text, add_special_tokens=False))
         else:
             ids = list(tokenizer.encode(job.prompt or ""))
-        if prefix:
-            ids.extend(tokenizer.encode(prefix, add_special_tokens=False))
         return ids
+
+    def _render_with(self, job: Job, prefix: str) -> tuple[list[int], list[int]]:
+        """The prompt's token ids, and those of ``prefix`` (an answer to continue)."""
+        answered = self._tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+        return self.render(job), list(answered)
 
     def sampling_params(self, job: Job, room: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -213,9 +216,10 @@ class VllmEngine:
         if job.id in self._requests:
             raise EngineError("duplicate_job", f"job {job.id} is already running")
         # Off the event loop: a long prompt takes milliseconds to tokenize.
-        full = await asyncio.to_thread(self.render, job, prefix)
-        prompt_len = len(await asyncio.to_thread(self.render, job)) if prefix else len(full)
-        done = len(full) - prompt_len  # answer tokens an earlier attempt published
+        prompt, answered = await asyncio.to_thread(self._render_with, job, prefix)
+        full = prompt + answered
+        prompt_len = len(prompt)
+        done = len(answered)  # answer tokens an earlier attempt published
         if len(full) >= self.max_model_len:
             raise EngineError(
                 "context_length_exceeded",
