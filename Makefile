@@ -15,13 +15,13 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # Where torch's CPU build comes from when pip's own sources lack it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: help setup system-deps model run test lint format schema clean
+.PHONY: help setup system-deps browser model run test lint format schema clean
 
 help:
 	@echo "make run     Redis, gateway and a worker (tokenbus up)"
 	@echo "make test    ruff, mypy --strict, pytest"
 	@echo "make setup   .venv with the project, vLLM (ENGINE=cpu|gpu, default: $(ENGINE)) and dev tools;"
-	@echo "             redis-server, docker-compose"
+	@echo "             redis-server, docker-compose (make test adds chromium, for the browser test)"
 	@echo "make model   convert the bundled SmolLM2-135M-Instruct once (tokenbus prepare-model)"
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make format  ruff format, ruff check --fix"
@@ -75,8 +75,15 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Debian's Chromium, which tests/test_web.py drives through Playwright (no browser download).
+browser:
+	@[ -x /usr/bin/chromium ] || { echo "installing system packages: chromium"; \
+		$(SUDO) apt-get update -qq; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 # pytest's exit code 5 (no tests collected) fails the run like any other: we always have tests.
-test: lint
+test: lint browser
 	@$(BIN)/pytest -q --durations=12 || { rc=$$?; \
 		[ $$rc -ne 5 ] || echo "pytest collected no tests: that is a failure here"; exit $$rc; }
 

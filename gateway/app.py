@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
@@ -10,17 +9,17 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from gateway import openai_api, sse, ws
-from gateway.errors import ApiError, from_validation
+from gateway import openai_api, sse, web_page, ws
+from gateway.errors import ApiError, json_body, validated
 from gateway.history import History
 from gateway.hub import Hub
 from gateway.intake import Intake
 from gateway.metrics import GatewayMetrics
 from gateway.requests import PromptRequest
-from gateway.state import GATEWAY, Gateway, bearer
+from gateway.state import GATEWAY, Gateway, api_key, bearer
+from shared.conversation import Conversations
 from shared.jobs import TERMINAL_STATES, get_record, queue_depth, request_cancel
 from shared.keys import Keys
 from shared.logs import log
@@ -37,15 +36,6 @@ def _base_urls(request: web.Request, settings: Settings) -> tuple[str, str]:
     return base, "ws" + base[4:] if base.startswith("http") else base
 
 
-async def _json_body(request: web.Request) -> object:
-    if not request.can_read_body:
-        return {}
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
-
-
 @web.middleware
 async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -59,6 +49,7 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
 
 async def create_session(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    gw.require_api_key(api_key(request))
     session_id = new_id("s_")
     token = gw.token(session_id)
     base, ws_base = _base_urls(request, gw.settings)
@@ -75,15 +66,17 @@ async def create_session(request: web.Request) -> web.Response:
     )
 
 
-async def create_job(request: web.Request) -> web.Response:
+def _session(request: web.Request) -> tuple[Gateway, str]:
+    """The gateway and the request's session, once its token checks out."""
     gw = request.app[GATEWAY]
     session_id = request.match_info["session_id"]
     gw.authorize(session_id, bearer(request))
-    body = await _json_body(request)
-    try:
-        prompt = PromptRequest.model_validate(body)
-    except ValidationError as exc:
-        raise from_validation(exc) from exc
+    return gw, session_id
+
+
+async def create_job(request: web.Request) -> web.Response:
+    gw, session_id = _session(request)
+    prompt = validated(PromptRequest, await json_body(request))
     job = await gw.intake.submit(session_id, prompt)
     log(logger, "job_enqueued", session=session_id, job=job.id, model=job.model)
     return web.json_response(
@@ -93,9 +86,8 @@ async def create_job(request: web.Request) -> web.Response:
 
 
 async def _job_record(request: web.Request) -> tuple[Gateway, str, dict[str, str]]:
-    gw = request.app[GATEWAY]
-    session_id, job_id = request.match_info["session_id"], request.match_info["job_id"]
-    gw.authorize(session_id, bearer(request))
+    gw, session_id = _session(request)
+    job_id = request.match_info["job_id"]
     record = await get_record(gw.redis, gw.keys, job_id)
     if record.get("session_id") != session_id:
         raise ApiError(404, "job_not_found", f"no job {job_id!r} on this session")
@@ -114,6 +106,25 @@ async def cancel_job(request: web.Request) -> web.Response:
     await request_cancel(gw.redis, gw.keys, job_id, reason="http", ttl_s=gw.settings.job_ttl_s)
     log(logger, "job_cancel_requested", job=job_id)
     return web.json_response({"job_id": job_id, "state": "cancelling"}, status=202)
+
+
+async def get_messages(request: web.Request) -> web.Response:
+    """The session's remembered conversation, oldest first (what later prompts see)."""
+    gw, session_id = _session(request)
+    exchanges = await gw.conversations.load(session_id)
+    messages = [
+        {"role": m.role, "content": m.content, "job_id": e.job_id}
+        for e in exchanges
+        for m in e.turns()
+    ]
+    return web.json_response({"session_id": session_id, "messages": messages})
+
+
+async def forget_messages(request: web.Request) -> web.Response:
+    gw, session_id = _session(request)
+    await gw.conversations.forget(session_id)
+    log(logger, "conversation_forgotten", session=session_id)
+    return web.json_response({"session_id": session_id, "messages": []})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -175,6 +186,7 @@ def create_app(settings: Settings) -> web.Application:
             hub=hub,
             history=History(redis, keys),
             intake=Intake(redis, keys, settings),
+            conversations=Conversations.from_settings(redis, keys, settings),
             secret=secret,
             metrics=gateway_metrics,
         )
@@ -189,9 +201,12 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/sessions/{session_id}/jobs/{job_id}", get_job)
     app.router.add_delete("/v1/sessions/{session_id}/jobs/{job_id}", cancel_job)
     app.router.add_get("/v1/sessions/{session_id}/events", sse.session_events)
-    app.router.add_get("/v1/ws", ws.websocket)
+    app.router.add_get("/v1/sessions/{session_id}/messages", get_messages)
+    app.router.add_delete("/v1/sessions/{session_id}/messages", forget_messages)
+    ws.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     openai_api.add_routes(app)
+    web_page.add_routes(app)
     return app

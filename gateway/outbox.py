@@ -44,6 +44,7 @@ class Outbox:
         # A short backlog (a history replay) goes out as published; only a growing one merges.
         self._coalesce_after = min(coalesce_after, max(1, max_events // 2))
         self._wakeup = asyncio.Event()
+        self._taken = asyncio.Event()  # set whenever items leave the queue
         self.closed: str | None = None  # why, once closed
         self.coalesced = 0
 
@@ -82,6 +83,19 @@ class Outbox:
             self.close(SLOW_CONSUMER)
         self._wakeup.set()
 
+    async def wait_for_room(self) -> None:
+        """Wait until the queue is at most half full (or closed).
+
+        A history replay waits here between events, so a backlog longer than the limits
+        (a resume after a slow-consumer drop) goes out as fast as the client reads it, instead
+        of overflowing the queue again at the same place.
+        """
+        while self.closed is None and (
+            len(self._items) >= max(1, self._max_events // 2) or self._bytes >= self._max_bytes // 2
+        ):
+            self._taken.clear()
+            await self._taken.wait()
+
     def close(self, reason: str) -> None:
         if self.closed is None:
             self.closed = reason
@@ -89,6 +103,7 @@ class Outbox:
                 self._items.clear()
                 self._bytes = 0
         self._wakeup.set()
+        self._taken.set()
 
     async def get(self, wait_s: float | None = None) -> Outgoing | None:
         """Next item; None when closed (and drained) or when ``wait_s`` passes first."""
@@ -102,6 +117,7 @@ class Outbox:
                 return None
         item = self._items.popleft()
         self._bytes -= item.size()
+        self._taken.set()
         return item
 
     def get_nowait(self) -> Outgoing | None:
@@ -115,4 +131,6 @@ class Outbox:
             item = self._items.popleft()
             self._bytes -= item.size()
             taken.append(item)
+        if taken:
+            self._taken.set()
         return taken

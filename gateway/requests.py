@@ -24,6 +24,9 @@ class PromptRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: list[StopString] = Field(default_factory=list, max_length=16)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    memory: bool = True
     on_disconnect: DisconnectPolicy = "continue"
     timeout_s: float | None = Field(None, gt=0, description="Drop the job if not started by then.")
 
@@ -40,9 +43,15 @@ class PromptRequest(BaseModel):
             prompt=self.prompt,
             messages=self.messages,
             sampling=SamplingParams(
-                temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=self.seed,
+                stop=self.stop,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
             ),
             max_tokens=self.max_tokens,
             on_disconnect=self.on_disconnect,
+            memory=self.memory,
             deadline=time.time() + self.timeout_s if self.timeout_s else None,
         )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
 
 from gateway.errors import ApiError, error_event
-from gateway.outbox import SLOW_CONSUMER
+from gateway.outbox import SLOW_CONSUMER, Outbox
 from gateway.state import GATEWAY, bearer, format_position, parse_position
+from gateway.subscription import UNAVAILABLE
 from shared.codec import dump_event
 from shared.logs import log
 
@@ -22,6 +24,19 @@ HEADERS = {
 }
 RETRY_MS = 1000
 _BATCH = 64
+
+
+def _start_failed(task: asyncio.Task[None], outbox: Outbox, session_id: str) -> None:
+    if task.cancelled() or task.exception() is None:
+        return
+    log(
+        logger,
+        "sse_subscribe_failed",
+        logging.WARNING,
+        session=session_id,
+        error=str(task.exception()),
+    )
+    outbox.close(UNAVAILABLE)
 
 
 async def session_events(request: web.Request) -> web.StreamResponse:
@@ -42,8 +57,10 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     await response.write(f"retry: {RETRY_MS}\n\n".encode())
     log(logger, "sse_open", session=session_id, epoch=epoch, offset=offset)
     client.opened()
+    # Started beside the write loop: a long replay waits for this loop to send what it queued.
+    starting = asyncio.create_task(subscription.start())
+    starting.add_done_callback(lambda task: _start_failed(task, outbox, session_id))
     try:
-        await subscription.start()
         while True:
             item = await outbox.get(wait_s=gw.settings.keepalive_s)
             if item is None:
@@ -76,6 +93,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, ConnectionError):
         pass
     finally:
+        starting.cancel()
         client.closed()
         subscription.close()
         log(

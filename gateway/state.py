@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway.errors import ApiError, unauthorized
+from gateway.errors import ApiError, invalid_api_key, unauthorized
 from gateway.history import History
 from gateway.hub import Hub
 from gateway.intake import Intake
@@ -15,6 +16,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.outbox import Outbox
 from gateway.subscription import Listener, SessionSubscription
 from shared import tokens
+from shared.conversation import Conversations
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -27,12 +29,22 @@ class Gateway:
     hub: Hub
     history: History
     intake: Intake
+    conversations: Conversations
     secret: str
     metrics: GatewayMetrics
 
     def authorize(self, session_id: str, token: str | None) -> None:
         if not tokens.verify(self.secret, session_id, token):
             raise unauthorized()
+
+    def require_api_key(self, key: str | None) -> None:
+        """401 unless API keys are off (none configured) or ``key`` is one of them."""
+        allowed = self.settings.api_key_set()
+        if not allowed:
+            return
+        # Compare with every key in constant time: how far a guess matched stays hidden.
+        if not key or not any(hmac.compare_digest(key.encode(), k.encode()) for k in allowed):
+            raise invalid_api_key()
 
     def token(self, session_id: str) -> str:
         return tokens.sign(self.secret, session_id)
@@ -65,12 +77,15 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-def bearer(request: web.Request) -> str | None:
-    """The session token from ``Authorization: Bearer``, else from ``?token=``."""
+def api_key(request: web.Request) -> str | None:
+    """The API key from ``Authorization: Bearer`` only: keys never travel in URLs (logs)."""
     header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.query.get("token")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
+def bearer(request: web.Request) -> str | None:
+    """The session token: from ``Authorization: Bearer`` (as an API key), else ``?token=``."""
+    return api_key(request) or request.query.get("token")
 
 
 def parse_position(value: str) -> tuple[str | None, int]:

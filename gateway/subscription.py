@@ -183,4 +183,7 @@ class SessionSubscription:
                 self._resync("history_trimmed", snap.epoch, first - 1)
         for event, raw in snap.events:
             if int(event["offset"]) > self.offset:
+                await self._outbox.wait_for_room()
+                if self._outbox.closed is not None:
+                    return
                 self._deliver(event, raw)

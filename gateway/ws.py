@@ -12,12 +12,13 @@ import contextlib
 import enum
 import json
 import logging
+import weakref
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.errors import ApiError, error_event, from_validation
+from gateway.errors import ApiError, error_event, validated
 from gateway.outbox import SLOW_CONSUMER
 from gateway.requests import PromptRequest
 from gateway.state import GATEWAY, Gateway, bearer
@@ -28,6 +29,7 @@ from shared.protocol import TERMINAL_TYPES, EventDict
 
 logger = logging.getLogger("tokenbus.gateway.ws")
 
+CLOSE_GOING_AWAY = 1001  # the gateway is stopping: reconnect (to any gateway) and resume
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW_CONSUMER = 4008  # resume from your last offset
 CLOSE_UNAVAILABLE = 4011  # reconnect and resume
@@ -123,9 +125,9 @@ class Connection:
             self.send(error_event("already_connected", "this connection already follows a session"))
             return
         try:
-            connect = ConnectMessage.model_validate(message)
-        except ValidationError as exc:
-            self.send(from_validation(exc).event())
+            connect = validated(ConnectMessage, message)
+        except ApiError as exc:
+            self.send(exc.event())
             return
         session_id = connect.session_id or self.request.query.get("session_id")
         if not session_id:
@@ -172,11 +174,8 @@ class Connection:
         ref = message.pop("ref", None)
         echo = {"ref": ref} if ref is not None else {}
         try:
-            request = PromptRequest.model_validate(message)
+            request = validated(PromptRequest, message)
             job = await self.gw.intake.submit(self.session_id, request)
-        except ValidationError as exc:
-            self.send({**from_validation(exc).event(), **echo})
-            return
         except ApiError as exc:
             self.send({**exc.event(), **echo})
             return
@@ -186,9 +185,9 @@ class Connection:
     async def _on_cancel(self, message: dict[str, Any]) -> None:
         assert self.session_id is not None
         try:
-            cancel = CancelMessage.model_validate(message)
-        except ValidationError as exc:
-            self.send(from_validation(exc).event())
+            cancel = validated(CancelMessage, message)
+        except ApiError as exc:
+            self.send(exc.event())
             return
         targets = [cancel.job_id] if cancel.job_id else list(self.jobs)
         for job_id in targets:
@@ -253,9 +252,36 @@ class Connection:
         )
 
 
+#: Open WebSockets of an app, closed when it shuts down.
+SOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
+
+
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     gw = request.app[GATEWAY]
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=gw.settings.max_message_bytes)
     await ws.prepare(request)
-    await Connection(gw, ws, request).run()
+    sockets = request.app[SOCKETS]
+    sockets.add(ws)
+    try:
+        await Connection(gw, ws, request).run()
+    finally:
+        sockets.discard(ws)
     return ws
+
+
+async def close_all(app: web.Application) -> None:
+    """On shutdown: tell every client to go elsewhere now (1001), not at the grace period's end."""
+    open_sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+    sockets = list(open_sockets)
+    if sockets:
+        log(logger, "ws_closing_all", count=len(sockets))
+    await asyncio.gather(
+        *(ws.close(code=CLOSE_GOING_AWAY, message=b"gateway shutting down") for ws in sockets),
+        return_exceptions=True,
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app[SOCKETS] = weakref.WeakSet()
+    app.on_shutdown.append(close_all)
+    app.router.add_get("/v1/ws", websocket)

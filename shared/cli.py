@@ -469,7 +469,8 @@ def _up(args: argparse.Namespace, settings: Settings, stack: _Stack) -> int:
     ws = "ws" + public[len("http") :] if public.startswith("http") else public
     jobs = keys.jobs_stream(model)
     rows = [
-        ("gateway", public),
+        ("chat page", f"{public}/"),
+        ("openai", f"{public}/v1  (chat/completions, completions, models)"),
         ("websocket", f"{ws}/v1/ws"),
         ("sse", f"{public}/v1/sessions/{{id}}/events"),
         ("healthz", f"{public}/healthz"),

@@ -50,6 +50,10 @@ class Keys:
         """Stream: published events; entry id ``<offset>-0``."""
         return f"{self.prefix}:session:{{{session_id}}}:history"
 
+    def session_conversation(self, session_id: str) -> str:
+        """List: the session's finished exchanges (JSON), oldest first."""
+        return f"{self.prefix}:session:{{{session_id}}}:conversation"
+
     def session_channel(self, session_id: str) -> str:
         return f"{self.prefix}:session:{{{session_id}}}:events"
 

@@ -42,6 +42,8 @@ class SamplingParams(_Model):
     # What torch's generators accept: a seed outside it would fail inside the engine.
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: list[StopString] = Field(default_factory=list, max_length=16)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
 
 class Job(_Model):
@@ -56,6 +58,11 @@ class Job(_Model):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     max_tokens: int | None = Field(None, ge=1)
     on_disconnect: DisconnectPolicy = "continue"
+    memory: bool = Field(
+        True,
+        description="Chat jobs (messages): answer with the session's earlier exchanges as "
+        "context, and add this one to them when it ends. Ignored for prompt jobs.",
+    )
     deadline: float | None = Field(None, description="Unix time after which the job is dropped.")
     attempt: int = Field(0, ge=0)
     created_at: float = Field(default_factory=time.time)

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         description="Key that signs session tokens. Empty: one is generated once and kept in "
         "Redis, so every gateway sharing that Redis agrees.",
     )
+    api_keys: str = Field(
+        "",
+        description="Comma-separated API keys. Set: the OpenAI-compatible routes and session "
+        "creation need `Authorization: Bearer <key>`. Empty: open.",
+    )
 
     # Gateway
     host: str = Field("127.0.0.1", description="Gateway listen address.")
@@ -71,6 +76,12 @@ class Settings(BaseSettings):
         3_600, description="Seconds a session history lives after its last event."
     )
     job_ttl_s: int = Field(86_400, description="Seconds a job record lives after its last change.")
+    conversation_ttl_s: int = Field(
+        86_400, description="Seconds a session's conversation lives after its last exchange."
+    )
+    conversation_max_exchanges: int = Field(
+        200, description="Exchanges (prompt and answer) a session's conversation keeps."
+    )
     max_attempts: int = Field(3, description="Attempts before a job is dead-lettered.")
 
     # Workers
@@ -98,7 +109,9 @@ class Settings(BaseSettings):
         "", description="Where prepared models live (default: ~/.cache/tokenbus/models)."
     )
     max_model_len: int = Field(
-        0, description="vLLM: context length in tokens (0: the model's own, at most 8192)."
+        0,
+        description="Context length in tokens (vLLM, 0: the model's own, at most 8192; the "
+        "synthetic engine counts words, 0: 8192).",
     )
     gpu_memory_utilization: float = Field(
         0.9, description="vLLM on a GPU: share of GPU memory the engine may use."
@@ -119,6 +132,9 @@ class Settings(BaseSettings):
     synthetic_ttft_ms: float = Field(50.0, description="Synthetic engine: time to first token.")
     synthetic_tokens_per_s: float = Field(100.0, description="Synthetic engine: tokens per second.")
     synthetic_tokens: int = Field(64, description="Synthetic engine: answer length in tokens.")
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
 
 @lru_cache(maxsize=1)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from shared.conversation import Exchange
 from shared.protocol import Job
 from workers.engine import EngineDelta
 from workers.vllm_engine import VllmEngine
@@ -60,7 +61,9 @@ class ThreadedEngine:
     async def abort(self, job_id: str) -> None:
         await self.call(self.inner.abort(job_id))
 
-    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+    async def generate(
+        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+    ) -> AsyncIterator[EngineDelta]:
         here = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -70,7 +73,7 @@ class ThreadedEngine:
 
         async def pump() -> None:
             try:
-                async for delta in self.inner.generate(job, prefix=prefix):
+                async for delta in self.inner.generate(job, prefix=prefix, history=history):
                     put("delta", delta)
                 put("end", None)
             except Exception as exc:

@@ -222,6 +222,7 @@ async def test_bad_http_requests_get_clear_errors(settings: Settings) -> None:
             ({"prompt": "x", "max_tokens": 0}, 400, "invalid_request"),
             ({"prompt": "x", "model": "nope"}, 404, "model_not_found"),
             ({"prompt": "x" * (settings.max_prompt_chars + 1)}, 413, "prompt_too_large"),
+            ({"prompt": "x" * settings.max_message_bytes}, 413, "request_too_large"),
             (
                 {"prompt": "x", "max_tokens": settings.max_tokens_limit + 1},
                 400,
@@ -368,3 +369,21 @@ async def test_slow_sse_client_gets_slow_consumer_error_then_end_of_stream(
         assert "Last-Event-ID" in last["message"]
         # What did arrive before the drop is in order, with no gap.
         assert_contiguous(events[:-1])
+
+
+async def test_a_stopping_gateway_closes_its_websockets_with_going_away(
+    settings: Settings,
+) -> None:
+    """Clients are told at once to reconnect elsewhere, not left until the grace period ends."""
+    gateway = running_gateway(settings)
+    base = await gateway.__aenter__()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/sessions") as response:
+            session = await response.json()
+        ws = await http.ws_connect(session["ws_url"])
+        await follow(ws, session["session_id"])
+        stopping = asyncio.create_task(gateway.__aexit__(None, None, None))
+        message = await ws.receive(timeout=10)
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1001
+        await asyncio.wait_for(stopping, 30)

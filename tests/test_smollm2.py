@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import openai
 from redis.asyncio import Redis
 
 from shared.keys import Keys
@@ -42,6 +43,24 @@ async def _wait_announced(
         assert proc.poll() is None, f"worker exited with {proc.returncode}"
         await asyncio.sleep(0.1)
     raise AssertionError("the SmolLM2 worker never announced its model")
+
+
+async def _chat(http: aiohttp.ClientSession, base: str, turns: list[str]) -> list[str]:
+    """Each turn on one new session, in order; the answers."""
+    async with http.post(f"{base}/v1/sessions") as response:
+        session = await response.json()
+    answers = []
+    async with http.ws_connect(session["ws_url"]) as ws:
+        await follow(ws, session["session_id"])
+        for turn in turns:
+            message = {"role": "user", "content": turn}
+            await ws.send_json(
+                {"type": "prompt", "messages": [message], "temperature": 0, "max_tokens": 24}
+            )
+            events = await ws_receive_until(ws, timeout=120)
+            assert events[-1]["type"] == "stream_end", events[-1]
+            answers.append(answer_text(events))
+    return answers
 
 
 async def test_prepared_smollm2_answers_a_chat_prompt_through_the_stack(
@@ -93,6 +112,14 @@ async def test_prepared_smollm2_answers_a_chat_prompt_through_the_stack(
                     }
                 )
                 events = await ws_receive_until(ws, timeout=120)
+            remembered = await _chat(http, base, ["Hi! My name is Zorblax.", "What is my name?"])
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            completion = await client.chat.completions.create(
+                model=BUNDLED_MODEL,
+                messages=[{"role": "user", "content": "What is the capital of Italy?"}],
+                temperature=0,
+                max_tokens=24,
+            )
     finally:
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(60)
@@ -106,6 +133,12 @@ async def test_prepared_smollm2_answers_a_chat_prompt_through_the_stack(
     end = events[-1]
     assert end["type"] == "stream_end" and end["finish_reason"] == "stop"
     assert end["usage"]["prompt_tokens"] > 10 and end["usage"]["completion_tokens"] > 3
+    # The session remembered the first turn: the name is only in the history.
+    report(f"SmolLM2 with memory: 'What is my name?' -> {remembered[-1]!r}")
+    assert "Zorblax" in remembered[-1]
+    rome = completion.choices[0].message.content or ""
+    report(f"SmolLM2 through the openai client: 'What is the capital of Italy?' -> {rome!r}")
+    assert "Rome" in rome and completion.usage is not None
 
 
 def test_worker_without_a_prepared_model_says_what_to_run(

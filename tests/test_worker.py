@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
+from shared.conversation import Exchange
 from shared.jobs import get_record, request_cancel
 from shared.keys import HISTORY_FIELD, JOBS_GROUP, Keys
 from shared.protocol import TERMINAL_TYPES, Job
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
+from tests.dying_engine import DiesAfter
 from workers.consumer import Worker
-from workers.engine import EngineDead, EngineDelta, EngineError
+from workers.engine import EngineDelta, EngineError
 from workers.publisher import JobPublisher
 from workers.synthetic import SyntheticEngine, synthetic_text
 
@@ -474,10 +476,12 @@ async def test_too_many_attempts_goes_to_dead_letter(
 class FlakyEngine(SyntheticEngine):
     """Synthetic, except for prompts that make it refuse or break after the first delta."""
 
-    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+    async def generate(
+        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+    ) -> AsyncIterator[EngineDelta]:
         if job.prompt == "refuse":
             raise EngineError("prompt_too_long", "the prompt does not fit the context")
-        async for delta in super().generate(job, prefix=prefix):
+        async for delta in super().generate(job, prefix=prefix, history=history):
             yield delta
             if job.prompt == "explode":
                 raise RuntimeError("GPU fell off the bus")
@@ -563,22 +567,10 @@ async def test_python_m_workers_runs_a_job_and_stops_on_sigterm(
     assert (ready["model"], ready["consumer"]) == (settings.model, "w-proc")
 
 
-class _DyingEngine(SyntheticEngine):
-    """The synthetic engine until its (simulated) engine process dies after two tokens."""
-
-    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
-        n = 0
-        async for delta in super().generate(job, prefix=prefix):
-            if n == 2:
-                raise EngineDead("the engine process exited")
-            n += 1
-            yield delta
-
-
 async def test_dead_engine_stops_the_worker_and_leaves_the_job_for_another(
     settings: Settings, redis: Redis, keys: Keys, start_worker: StartWorker
 ) -> None:
-    worker = await start_worker(_DyingEngine(settings))
+    worker = await start_worker(DiesAfter(SyntheticEngine(settings), 2))
     job = {"id": "job-orphan", "session_id": "sess-orphan", "prompt": "p"}
     await xadd_json(redis, keys, settings, job)
 

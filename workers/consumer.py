@@ -21,10 +21,11 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from shared.codec import BadJob, decode_job
+from shared.conversation import Conversations, Exchange
 from shared.jobs import TERMINAL_STATES, JobState, get_record, set_state
 from shared.keys import JOBS_GROUP, Keys
 from shared.logs import log
-from shared.protocol import Error, Job
+from shared.protocol import Error, FinishReason, Job
 from shared.redis_client import connect
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
@@ -85,6 +86,7 @@ class Worker:
             history_maxlen=settings.history_maxlen,
             ttl_s=settings.history_ttl_s,
         )
+        self._conversations = Conversations.from_settings(self._redis, self.keys, settings)
         self._jobs: dict[str, _Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -387,8 +389,18 @@ class Worker:
     async def _execute(self, running: _Running) -> _Outcome | None:
         """Publish the job's events up to its terminal one; None when there is nothing to do."""
         job, settings = running.job, self.settings
+        remembers = job.memory and job.messages is not None
+        prefix = ""
+
+        async def remember(text: str, finish: FinishReason) -> None:
+            await self._remember(job, prefix + text, finish)
+
         pub = JobPublisher(
-            self._sessions, job, model=settings.model, window_ms=settings.batch_window_ms
+            self._sessions,
+            job,
+            model=settings.model,
+            window_ms=settings.batch_window_ms,
+            on_end=remember if remembers else None,
         )
         record = await get_record(self._redis, self.keys, job.id)
         if record.get("state") in TERMINAL_STATES and record.get("entry_id") == running.entry_id:
@@ -418,6 +430,7 @@ class Worker:
         )
         raw_prefix = await self._redis.get(self.keys.job_text(job.session_id, job.id))
         prefix = raw_prefix.decode() if isinstance(raw_prefix, bytes) else (raw_prefix or "")
+        history = await self._conversations.load(job.session_id) if remembers else []
         # A continued answer gets no second StreamStart: the client sees one answer.
         if not prefix:
             await pub.start(attempt=attempts - 1)
@@ -428,13 +441,29 @@ class Worker:
             session_id=job.session_id,
             attempt=attempts - 1,
             continued_chars=len(prefix),
+            history=len(history),
         )
         try:
-            return await self._stream(running, pub, prefix)
+            return await self._stream(running, pub, prefix, history)
         finally:
             await pub.aclose()
 
-    async def _stream(self, running: _Running, pub: JobPublisher, prefix: str) -> _Outcome:
+    async def _remember(self, job: Job, answer: str, finish: FinishReason) -> None:
+        if finish == "cancelled" and not answer:
+            return  # stopped before it said anything: nothing to remember
+        assert job.messages is not None
+        exchange = Exchange(
+            job_id=job.id, messages=tuple(job.messages), answer=answer, finish_reason=finish
+        )
+        await self._conversations.remember(job.session_id, exchange)
+
+    async def _stream(
+        self,
+        running: _Running,
+        pub: JobPublisher,
+        prefix: str,
+        history: list[Exchange],
+    ) -> _Outcome:
         job = running.job
         if running.cancel_requested:  # cancelled while the job was being set up
             await pub.end("cancelled")
@@ -444,7 +473,7 @@ class Worker:
         deltas: AsyncIterator[EngineDelta] | None = None
         finished = False
         try:
-            deltas = self.engine.generate(job, prefix=prefix)
+            deltas = self.engine.generate(job, prefix=prefix, history=history)
             while True:
                 try:
                     delta = await anext(deltas)

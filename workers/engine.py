@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.conversation import Exchange
 from shared.protocol import FinishReason, Job, Usage
 
 
@@ -46,11 +47,15 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+    def generate(
+        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+    ) -> AsyncIterator[EngineDelta]:
         """Stream the answer to ``job``; the last delta has ``finish_reason`` set.
 
         ``prefix`` is answer text an earlier attempt already published: generation continues
-        after it and never emits it again. Raises EngineError for requests it refuses.
+        after it and never emits it again. ``history`` is the session's earlier exchanges, for
+        a chat job: the engine puts the latest that fit its context in front of the job's
+        messages (workers.context.fit). Raises EngineError for requests it refuses.
         """
         ...
 

@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from shared.codec import AnyEvent
 from shared.protocol import Delta, Error, FinishReason, Job, StreamEnd, StreamStart, Usage
 from shared.scripts import SessionPublisher
 from workers.engine import EngineDelta
 
+#: Called with the whole answer (this attempt's text) just before StreamEnd is published.
+OnEnd = Callable[[str, FinishReason], Awaitable[None]]
+
 
 class JobPublisher:
     """Events of one job, in order: StreamStart, Deltas, then one terminal StreamEnd or Error."""
 
     def __init__(
-        self, sessions: SessionPublisher, job: Job, *, model: str, window_ms: float
+        self,
+        sessions: SessionPublisher,
+        job: Job,
+        *,
+        model: str,
+        window_ms: float,
+        on_end: OnEnd | None = None,
     ) -> None:
         self._sessions = sessions
         self._session_id = job.session_id
@@ -38,6 +48,8 @@ class JobPublisher:
         self._pending = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
+        self._on_end = on_end
+        self._text: list[str] = []  # published by this attempt
         self.ended = False
         self.published_tokens = 0
 
@@ -73,7 +85,7 @@ class JobPublisher:
     async def end(self, finish_reason: FinishReason, usage: Usage | None = None) -> None:
         """Publish what is batched and StreamEnd, in one script call."""
         end = StreamEnd(job_id=self._job_id, finish_reason=finish_reason, usage=usage or Usage())
-        await self._terminal(end)
+        await self._terminal(end, finish_reason)
 
     async def error(self, code: str, message: str) -> None:
         """Publish what is batched and an Error that ends the job, in one script call."""
@@ -87,13 +99,15 @@ class JobPublisher:
                 await self._flusher
             self._flusher = None
 
-    async def _terminal(self, event: AnyEvent) -> None:
+    async def _terminal(self, event: AnyEvent, finish: FinishReason | None = None) -> None:
         if self.ended:
             raise RuntimeError(f"job {self._job_id} already ended")
         # Holding the lock, the flusher is never cut off mid-publish when it is stopped.
         async with self._lock:
             await self.aclose()
             self._raise_failure()
+            if finish is not None and self._on_end is not None:
+                await self._on_end("".join(self._text + self._parts), finish)
             await self._send([event])
             self.ended = True
 
@@ -109,6 +123,7 @@ class JobPublisher:
         text = ""
         if self._parts:
             text = "".join(self._parts)
+            self._text.append(text)
             events.append(Delta(job_id=self._job_id, delta=text, tokens=self._tokens, t=self._t))
             self.published_tokens += self._tokens
             self._parts.clear()

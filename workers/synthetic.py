@@ -10,11 +10,16 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from shared.protocol import FinishReason, Job, Usage
+from shared.conversation import Exchange
+from shared.protocol import ChatMessage, FinishReason, Job, Usage
 from shared.settings import Settings
+from workers.context import fit, history_budget, wanted_tokens
 from workers.engine import EngineDelta, EngineError
+
+#: The context it pretends to have when max_model_len is 0, in words.
+CONTEXT_WORDS = 8192
 
 # Whitespace-free words, so token boundaries in a published prefix are unambiguous.
 _WORD_LIST = """
@@ -57,16 +62,26 @@ def synthetic_text(job: Job, n_tokens: int) -> list[str]:
 
 def answer_length(job: Job, settings: Settings) -> tuple[int, FinishReason]:
     """Tokens the engine generates for ``job`` in all, and why it stops there."""
-    limit = job.max_tokens if job.max_tokens is not None else settings.default_max_tokens
+    limit = wanted_tokens(job, settings.default_max_tokens)
     if limit < settings.synthetic_tokens:
         return limit, "length"
     return settings.synthetic_tokens, "stop"
 
 
-def prompt_tokens(job: Job) -> int:
+def _words(messages: list[ChatMessage]) -> list[str]:
+    return [word for m in messages for word in m.content.split()]
+
+
+def prompt_tokens(job: Job, history: Sequence[Exchange], settings: Settings) -> int:
+    """Words in the prompt; for a chat job, with the history that fits its context in front.
+
+    History changes the count only, never the answer text, so tests can still predict it.
+    """
     if job.prompt is not None:
         return len(job.prompt.split())
-    return sum(len(m.content.split()) for m in job.messages or ())
+    context = settings.max_model_len or CONTEXT_WORDS
+    budget = history_budget(job, context, settings.default_max_tokens)
+    return len(fit(job, history, _words, budget).prompt)
 
 
 def _tokens_in_prefix(tokens: list[str], prefix: str) -> int:
@@ -115,11 +130,13 @@ class SyntheticEngine:
         if aborted is not None:
             aborted.set()
 
-    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+    async def generate(
+        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+    ) -> AsyncIterator[EngineDelta]:
         total, finish = answer_length(job, self._settings)
         tokens = synthetic_text(job, total)
         done = _tokens_in_prefix(tokens, prefix)
-        n_prompt = prompt_tokens(job)
+        n_prompt = prompt_tokens(job, history, self._settings)
         if job.id in self._aborts:
             raise EngineError("duplicate_job", f"job {job.id} is already running")
         aborted = asyncio.Event()

@@ -17,12 +17,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from shared.conversation import Exchange
 from shared.logs import log
-from shared.protocol import FinishReason, Job, Usage
+from shared.protocol import ChatMessage, FinishReason, Job, Usage
 from shared.settings import Settings
+from workers.context import fit, history_budget, wanted_tokens
 from workers.engine import EngineDead, EngineDelta, EngineError
 from workers.models import ModelError, model_source
 
@@ -166,33 +168,47 @@ class VllmEngine:
         if request_id is not None and self._llm is not None:
             await self._llm.abort(request_id)
 
-    def render(self, job: Job) -> list[int]:
-        """Token ids of ``job``'s prompt."""
+    def _chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         tokenizer = self._tokenizer
-        if job.messages is not None:
-            if not getattr(tokenizer, "chat_template", None):
-                raise EngineError(
-                    "no_chat_template",
-                    f"model {self._settings.model!r} has no chat template: send 'prompt' text",
-                )
-            messages = [{"role": m.role, "content": m.content} for m in job.messages]
-            try:
-                text: str = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # templates raise on conversations they do not allow
-                raise EngineError(
-                    "invalid_messages", f"the model's chat template refused the messages: {exc}"
-                ) from exc
-            ids = list(tokenizer.encode(text, add_special_tokens=False))
-        else:
-            ids = list(tokenizer.encode(job.prompt or ""))
-        return ids
+        if not getattr(tokenizer, "chat_template", None):
+            raise EngineError(
+                "no_chat_template",
+                f"model {self._settings.model!r} has no chat template: send 'prompt' text",
+            )
+        rows = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            text: str = tokenizer.apply_chat_template(
+                rows, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # templates raise on conversations they do not allow
+            raise EngineError(
+                "invalid_messages", f"the model's chat template refused the messages: {exc}"
+            ) from exc
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
-    def _render_with(self, job: Job, prefix: str) -> tuple[list[int], list[int]]:
+    def render(self, job: Job, history: Sequence[Exchange] = ()) -> list[int]:
+        """Token ids of ``job``'s prompt, with the latest ``history`` that fits in front."""
+        if job.messages is None:
+            return list(self._tokenizer.encode(job.prompt or ""))
+        budget = history_budget(job, self.max_model_len, self._settings.default_max_tokens)
+        fitted = fit(job, history, self._chat_ids, budget)
+        if fitted.dropped:
+            log(
+                logger,
+                "history_trimmed",
+                job_id=job.id,
+                kept=fitted.kept,
+                dropped=fitted.dropped,
+                prompt_tokens=len(fitted.prompt),
+            )
+        return fitted.prompt
+
+    def _render_with(
+        self, job: Job, prefix: str, history: Sequence[Exchange]
+    ) -> tuple[list[int], list[int]]:
         """The prompt's token ids, and those of ``prefix`` (an answer to continue)."""
         answered = self._tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        return self.render(job), list(answered)
+        return self.render(job, history), list(answered)
 
     def sampling_params(self, job: Job, room: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -205,18 +221,22 @@ class VllmEngine:
                 top_p=s.top_p,
                 seed=s.seed,
                 stop=list(s.stop) or None,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
                 max_tokens=room,
                 output_kind=RequestOutputKind.DELTA,
             )
         except Exception as exc:  # vLLM's validation errors are not all ValueErrors
             raise EngineError("invalid_sampling", str(exc)) from exc
 
-    async def generate(self, job: Job, *, prefix: str = "") -> AsyncIterator[EngineDelta]:
+    async def generate(
+        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+    ) -> AsyncIterator[EngineDelta]:
         llm = self.llm
         if job.id in self._requests:
             raise EngineError("duplicate_job", f"job {job.id} is already running")
         # Off the event loop: a long prompt takes milliseconds to tokenize.
-        prompt, answered = await asyncio.to_thread(self._render_with, job, prefix)
+        prompt, answered = await asyncio.to_thread(self._render_with, job, prefix, history)
         full = prompt + answered
         prompt_len = len(prompt)
         done = len(answered)  # answer tokens an earlier attempt published
@@ -226,7 +246,7 @@ class VllmEngine:
                 f"the prompt is {prompt_len} tokens (and {done} already answered); "
                 f"model {self._settings.model!r} has a context of {self.max_model_len} tokens",
             )
-        wanted = job.max_tokens if job.max_tokens is not None else self._settings.default_max_tokens
+        wanted = wanted_tokens(job, self._settings.default_max_tokens)
         # The answer ends at max_tokens or the end of the context, whichever comes first.
         room = min(wanted - done, self.max_model_len - len(full))
         if room <= 0:  # an earlier attempt already gave the whole answer

@@ -1,0 +1,37 @@
+"""An engine whose (simulated) process dies mid-answer: what a worker crash looks like to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from shared.conversation import Exchange
+from shared.protocol import Job
+from workers.engine import Engine, EngineDead, EngineDelta
+
+
+class DiesAfter:
+    """``engine``, except that every answer raises EngineDead after ``n`` deltas."""
+
+    def __init__(self, engine: Engine, n: int) -> None:
+        self.inner = engine
+        self.name = engine.name
+        self._n = n
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def abort(self, job_id: str) -> None:
+        await self.inner.abort(job_id)
+
+    async def generate(
+        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+    ) -> AsyncIterator[EngineDelta]:
+        n = 0
+        async for delta in self.inner.generate(job, prefix=prefix, history=history):
+            if n == self._n:
+                raise EngineDead("the engine process exited")
+            n += 1
+            yield delta
