@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import ApiError, validated
 from gateway.requests import PromptRequest
+from shared.protocol import Penalty, Temperature, TopP
 
 Role: TypeAlias = Literal["system", "developer", "user", "assistant", "tool"]
 #: OpenAI's newer name for the system role.
@@ -51,12 +52,12 @@ class _Common(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
 
     @property

@@ -7,7 +7,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.protocol import ChatMessage, DisconnectPolicy, Job, SamplingParams, StopString
+from shared.protocol import (
+    ChatMessage,
+    DisconnectPolicy,
+    Job,
+    Penalty,
+    SamplingParams,
+    Seed,
+    Stops,
+    Temperature,
+    TopP,
+)
 
 
 class PromptRequest(BaseModel):
@@ -20,12 +30,12 @@ class PromptRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     model: str | None = Field(None, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: list[StopString] = Field(default_factory=list, max_length=16)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
+    stop: Stops = Field(default_factory=list)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     memory: bool = True
     on_disconnect: DisconnectPolicy = "continue"
     timeout_s: float | None = Field(None, gt=0, description="Drop the job if not started by then.")

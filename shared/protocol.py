@@ -33,17 +33,23 @@ class ChatMessage(_Model):
     content: str
 
 
+# Sampling fields' bounds, shared by the job and every request body that carries them.
+Temperature: TypeAlias = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP: TypeAlias = Annotated[float, Field(gt=0.0, le=1.0)]
+# What torch's generators accept: a seed outside it would fail inside the engine.
+Seed: TypeAlias = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+Penalty: TypeAlias = Annotated[float, Field(ge=-2.0, le=2.0)]
 StopString: TypeAlias = Annotated[str, Field(min_length=1, max_length=1024)]
+Stops: TypeAlias = Annotated[list[StopString], Field(max_length=16)]
 
 
 class SamplingParams(_Model):
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    # What torch's generators accept: a seed outside it would fail inside the engine.
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: list[StopString] = Field(default_factory=list, max_length=16)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
+    stop: Stops = Field(default_factory=list)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
 
 
 class Job(_Model):
