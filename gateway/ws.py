@@ -23,16 +23,17 @@ from gateway.outbox import SLOW_CONSUMER
 from gateway.requests import PromptRequest
 from gateway.state import GATEWAY, Gateway, bearer
 from gateway.subscription import SessionSubscription
+from shared.close_codes import (
+    CLOSE_GOING_AWAY,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNAVAILABLE,
+)
 from shared.jobs import get_record, request_cancel
 from shared.logs import log
 from shared.protocol import TERMINAL_TYPES, EventDict
 
 logger = logging.getLogger("tokenbus.gateway.ws")
-
-CLOSE_GOING_AWAY = 1001  # the gateway is stopping: reconnect (to any gateway) and resume
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_SLOW_CONSUMER = 4008  # resume from your last offset
-CLOSE_UNAVAILABLE = 4011  # reconnect and resume
 
 
 class State(enum.Enum):

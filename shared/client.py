@@ -29,6 +29,8 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 import aiohttp
 
+from shared.close_codes import CLOSE_UNAUTHORIZED
+
 __all__ = [
     "Answer",
     "AnswerStream",
@@ -52,11 +54,6 @@ EventDict: TypeAlias = dict[str, Any]
 Position: TypeAlias = tuple[str | None, int]
 
 START: Position = (None, 0)
-
-# WebSocket close codes of the gateway.
-CLOSE_UNAUTHORIZED = 4401  # wrong token: reconnecting will not help
-CLOSE_SLOW_CONSUMER = 4008  # resume from the last offset
-CLOSE_UNAVAILABLE = 4011  # reconnect and resume
 
 #: Jobs whose pre-send position ``Session.stream`` remembers.
 _REMEMBERED_JOBS = 1024
