@@ -66,10 +66,11 @@ async def _pump(out: _HeldStream, run: JobRun, reply: Reply) -> None:
             raise job_error(str(event.get("code")), str(event.get("message")))
         # A job cancelled before it started, or continued by another worker after one died,
         # has no (second) stream_start: the opening chunk goes out once regardless.
-        opening = reply.opening()
-        if not opened and opening is not None:
-            out.hold(frame(opening))
-        opened = True
+        if not opened:
+            opened = True
+            opening = reply.opening()
+            if opening is not None:
+                out.hold(frame(opening))
         if kind == "delta" and event.get("delta"):
             await out.send(frame(reply.delta(event["delta"])))
         elif kind == "stream_end":
