@@ -48,9 +48,7 @@ class Settings(BaseSettings):
     public_url: str = Field(
         "", description="Base URL clients use to reach the gateway (default: from the request)."
     )
-    default_model: str = Field(
-        "SmolLM2-135M-Instruct", description="Model used when a request names none."
-    )
+    default_model: str = Field(BUNDLED_MODEL, description="Model used when a request names none.")
     max_queue_depth: int = Field(
         10_000, description="Jobs waiting in a model's stream beyond which intake answers 429."
     )

@@ -23,7 +23,7 @@ from tests.clients import (
     ws_receive_until,
 )
 from tests.conftest import report
-from tests.servers import gateway_process, new_session, post_job, stack
+from tests.servers import auth, gateway_process, new_session, post_job, stack
 from workers.synthetic import synthetic_text
 
 
@@ -235,7 +235,7 @@ async def test_cancel_over_ws_and_http_stops_the_job(
         job2 = await post_job(http, session, {"prompt": "stop me too"})
         reader = asyncio.create_task(read_sse_until(http, session["sse_url"], count=2))
         await asyncio.sleep(0.3)
-        headers = {"Authorization": f"Bearer {session['token']}"}
+        headers = auth(session)
         async with http.delete(f"{session['jobs_url']}/{job2}", headers=headers) as response:
             assert response.status == 202
         sse = [e.data for e in await reader]
@@ -275,7 +275,7 @@ async def test_overload_gets_429_and_dead_model_gets_503(
     settings = slow.model_copy(update={"worker_slots": 1, "max_queue_depth": 2})
     async with stack(settings) as (base, http):
         session = await new_session(http, base)
-        headers = {"Authorization": f"Bearer {session['token']}"}
+        headers = auth(session)
         statuses = []
         for _ in range(6):
             async with http.post(

@@ -20,7 +20,7 @@ from shared.jobs import get_record
 from shared.keys import Keys
 from shared.protocol import ChatMessage, Job, SamplingParams
 from shared.settings import Settings
-from tests.servers import running_gateway, running_worker, stack
+from tests.servers import auth, running_gateway, running_worker, stack
 from workers.engine import EngineDelta, EngineError
 from workers.synthetic import SyntheticEngine, synthetic_text
 
@@ -348,7 +348,7 @@ async def test_api_keys_guard_openai_routes_and_session_creation(settings: Setti
         async with http.post(
             session["jobs_url"],
             json={"prompt": "hi"},
-            headers={"Authorization": f"Bearer {session['token']}"},
+            headers=auth(session),
         ) as response:
             assert response.status == 202
 
