@@ -154,6 +154,17 @@ async def test_events_yields_every_session_event_once_in_order(
         assert replay == events[2:]
 
 
+async def test_bad_client_arguments_are_refused_before_any_request() -> None:
+    with pytest.raises(ValueError, match="transport must be 'ws' or 'sse'"):
+        Client("http://127.0.0.1:1", transport="udp")  # type: ignore[arg-type]
+    # Port 1: nothing listens, so a request sent by mistake would fail differently.
+    async with Client("http://127.0.0.1:1") as client:
+        with pytest.raises(TypeError, match="needs both session_id and token"):
+            await client.session("s_only-the-id")
+        with pytest.raises(TypeError, match="needs both session_id and token"):
+            await client.session(token="only-a-token")
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_gateway_errors_raise_tokenbus_error(
     settings: Settings, transport: Transport
