@@ -30,8 +30,16 @@ class DiesAfter:
         self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
     ) -> AsyncIterator[EngineDelta]:
         n = 0
-        async for delta in self.inner.generate(job, prefix=prefix, history=history):
-            if n == self._n:
-                raise EngineDead("the engine process exited")
-            n += 1
-            yield delta
+        # Closed at once on death, as a dead process's requests end with it: an abandoned
+        # stream would keep generating until garbage collection closed it.
+        inner = self.inner.generate(job, prefix=prefix, history=history)
+        try:
+            async for delta in inner:
+                if n == self._n:
+                    raise EngineDead("the engine process exited")
+                n += 1
+                yield delta
+        finally:
+            aclose = getattr(inner, "aclose", None)  # as the worker closes an engine's stream
+            if aclose is not None:
+                await aclose()

@@ -78,6 +78,10 @@ class ThreadedEngine:
                 put("end", None)
             except Exception as exc:
                 put("error", exc)
+            except BaseException as exc:
+                # However the pump ends, its reader must hear of it, or it waits forever.
+                put("error", RuntimeError(f"the engine's stream was cancelled: {exc!r}"))
+                raise
 
         future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
         try:

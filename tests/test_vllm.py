@@ -34,6 +34,8 @@ from tests.tiny_model import CONTEXT
 from workers.consumer import Worker
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+#: Far beyond what any step here takes, even on a loaded CI machine: only a hang reaches it.
+STALL_S = 180
 
 
 @pytest.fixture
@@ -276,14 +278,16 @@ async def test_interrupted_answer_continues_from_published_text_without_repeats(
             task = asyncio.create_task(first.run())
             await first.ready.wait()
             await redis.xadd(keys.jobs_stream(TINY_MODEL), entry)
-            await task  # the worker stops by itself when its engine dies
+            # Hang guards (STALL_S each phase): a stall fails at the phase it is in.
+            async with asyncio.timeout(STALL_S):
+                await task  # the worker stops by itself when its engine dies
             assert first.failure is not None
             assert await wait_unfinished_zero(tiny_engine) == 0
             published = text_of(await redis.get(keys.job_text(sid, job.id)) or b"")
             assert published
 
             # Second worker: the same job again, as the recovery will hand it over.
-            async with running_worker(vsettings, tiny_engine):
+            async with running_worker(vsettings, tiny_engine), asyncio.timeout(STALL_S):
                 await redis.xadd(keys.jobs_stream(TINY_MODEL), entry)
                 async for event in stream:
                     events.append(event.data)
