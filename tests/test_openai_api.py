@@ -412,9 +412,14 @@ class FailingEngine(SyntheticEngine):
         self.code, self.after = code, after
 
     async def generate(
-        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+        self,
+        job: Job,
+        *,
+        prefix: str = "",
+        prefix_ids: Sequence[int] | None = None,
+        history: Sequence[Exchange] = (),
     ) -> AsyncIterator[EngineDelta]:
-        deltas = super().generate(job, prefix=prefix)
+        deltas = super().generate(job, prefix=prefix, prefix_ids=prefix_ids)
         for _ in range(self.after):
             yield await anext(deltas)
         await self.abort(job.id)  # the synthetic answer ends: drain it so it cleans up

@@ -416,9 +416,10 @@ async def test_same_job_twice_at_once_runs_once(
     await settled(redis, keys, settings)
     assert [e["type"] for e in events if e["type"] != "delta"] == ["stream_start", "stream_end"]
     assert "".join(d["delta"] for d in deltas_of(events)) == answer(job, settings.synthetic_tokens)
-    dead = await read_stream(redis, keys.dead_letter)
-    assert [(f["code"], f["job_id"]) for _, f in dead] == [("duplicate_job", "job-twice")]
-    assert (await get_record(redis, keys, "job-twice"))["state"] == "done"
+    # The second entry is acknowledged and recorded on the job, not dead-lettered or run.
+    assert await read_stream(redis, keys.dead_letter) == []
+    record = await get_record(redis, keys, "job-twice")
+    assert record["state"] == "done" and record["duplicates"] == "1"
 
 
 # Continuation, deadlines, attempts
@@ -458,7 +459,9 @@ async def test_deadline_in_the_past_is_an_error(
 async def test_too_many_attempts_goes_to_dead_letter(
     settings: Settings, keys: Keys, redis: Redis, start_worker: StartWorker
 ) -> None:
-    await redis.hset(keys.job("job-tired"), "attempts", settings.max_attempts)
+    # As if max_attempts workers had each taken the job and died with it.
+    lease = keys.job_lease("sess-t", "job-tired")
+    await redis.hset(lease, mapping={"attempts": settings.max_attempts, "fence": 9})
     await xadd_json(
         redis, keys, settings, {"id": "job-tired", "session_id": "sess-t", "prompt": "p"}
     )
@@ -477,7 +480,12 @@ class FlakyEngine(SyntheticEngine):
     """Synthetic, except for prompts that make it refuse or break after the first delta."""
 
     async def generate(
-        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+        self,
+        job: Job,
+        *,
+        prefix: str = "",
+        prefix_ids: Sequence[int] | None = None,
+        history: Sequence[Exchange] = (),
     ) -> AsyncIterator[EngineDelta]:
         if job.prompt == "refuse":
             raise EngineError("prompt_too_long", "the prompt does not fit the context")

@@ -1,62 +1,51 @@
 """The worker: takes jobs from its model's stream as it has free slots and runs each on the engine.
 
-Per job, in order: the session gets StreamStart, Deltas, then exactly one terminal event
-(StreamEnd or Error); the record gets its final state; only then is the entry acknowledged.
-A job whose worker dies before that stays pending in the group, for another worker to take over.
+Lifecycle (``WorkerState``): STARTING → RUNNING → DRAINING → STOPPED. RUNNING reads new
+entries and, every ``reclaim_interval_s``, entries whose lease lapsed (workers.recovery);
+each job runs in its own task (workers.runner). DRAINING (SIGTERM) reads nothing more, lets
+running jobs finish for up to ``worker_drain_s`` and hands the rest back to other workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import socket
 import time
-import traceback
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
 from shared.codec import BadJob, decode_job
-from shared.conversation import Conversations, Exchange
-from shared.jobs import TERMINAL_STATES, JobState, get_record, set_state
+from shared.conversation import Conversations
 from shared.keys import JOBS_GROUP, Keys
+from shared.lease import Leases
 from shared.logs import log
-from shared.protocol import Error, FinishReason, Job
+from shared.protocol import Job
 from shared.redis_client import connect
 from shared.scripts import SessionPublisher
 from shared.settings import Settings
 from workers.control import control_tail, read_control
-from workers.deadletter import dead_letter
-from workers.engine import Engine, EngineDead, EngineDelta, EngineError
+from workers.deadletter import refuse
+from workers.engine import Engine, EngineDelta
 from workers.engines import make_engine
 from workers.heartbeat import beat
 from workers.intake import Fields, check_limits, stream_entries, usable_ids
 from workers.metrics import WorkerMetrics
-from workers.publisher import JobPublisher
+from workers.recovery import Recovery
+from workers.runner import JobRunner, Running
 
 logger = logging.getLogger("tokenbus.worker")
 
 
-@dataclass(slots=True)
-class _Running:
-    job: Job
-    entry_id: str
-    fields: Fields
-    cancel_requested: bool = False
-    abort_repeated: bool = False
-    started: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    state: JobState
-    finish: str  # finish reason or error code
-    tokens: int = 0
-    first_token_s: float | None = None
+class WorkerState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
 
 
 def default_worker_id() -> str:
@@ -67,38 +56,49 @@ class Worker:
     """Consumes ``keys.jobs_stream(settings.model)`` in group ``JOBS_GROUP`` until stopped."""
 
     def __init__(
-        self, settings: Settings, engine: Engine | None = None, *, drain_timeout_s: float = 30.0
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        *,
+        drain_timeout_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.engine = engine if engine is not None else make_engine(settings)
         self.consumer = settings.worker_id or default_worker_id()
         self.stream = self.keys.jobs_stream(settings.model)
-        self.drain_timeout_s = drain_timeout_s
+        self.drain_timeout_s = (
+            settings.worker_drain_s if drain_timeout_s is None else drain_timeout_s
+        )
         #: This worker's Prometheus metrics (its own registry).
         self.metrics = WorkerMetrics()
-        self._redis = connect(settings)
+        self.redis = connect(settings)
         # Blocking reads get a client whose socket timeout outlasts BLOCK.
         self._blocking = connect(settings, block_ms=settings.block_ms)
-        self._sessions = SessionPublisher(
-            self._redis,
+        self.sessions = SessionPublisher(
+            self.redis,
             self.keys,
             history_maxlen=settings.history_maxlen,
             ttl_s=settings.history_ttl_s,
         )
-        self._conversations = Conversations.from_settings(self._redis, self.keys, settings)
-        self._jobs: dict[str, _Running] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.leases = Leases(
+            self.redis, self.keys, ttl_s=settings.lease_ttl_s, keep_s=settings.history_ttl_s
+        )
+        self.conversations = Conversations.from_settings(self.redis, self.keys, settings)
+        self.recovery = Recovery(self)
+        self.state = WorkerState.NEW
+        self._jobs: dict[str, Running] = {}
+        self._tasks: dict[asyncio.Task[None], Running] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
-        self._closing = asyncio.Event()  # ends the control and heartbeat loops
+        self._closing = asyncio.Event()  # ends the control, heartbeat and renewal loops
         #: Set once start() has joined the group and announced the model.
         self.ready = asyncio.Event()
         self._control_after = "0-0"
         self._started_at = time.time()
-        self._started = False
         self._in_run = False
+        self._last_reclaim = 0.0
         #: Why the worker stopped on its own (its engine died); None after a requested stop.
         self.failure: str | None = None
 
@@ -107,17 +107,23 @@ class Worker:
         """Slots taken: jobs picked up and not yet finished."""
         return len(self._tasks)
 
+    def _enter(self, state: WorkerState, *allowed_from: WorkerState) -> None:
+        if self.state not in allowed_from:
+            raise RuntimeError(f"worker cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
     # Lifecycle
 
     async def start(self) -> None:
         """Join the group, start the engine, announce the model. run() calls it if needed."""
-        if self._started:
+        if self.state is not WorkerState.NEW:
             return
+        self._enter(WorkerState.STARTING, WorkerState.NEW)
         await self._ensure_group()
-        self._control_after = await control_tail(self._redis, self.keys)
+        self._control_after = await control_tail(self.redis, self.keys)
         await self.engine.start()
         await self._beat()
-        self._started = True
+        self._enter(WorkerState.RUNNING, WorkerState.STARTING)
         self.ready.set()
         log(
             logger,
@@ -126,6 +132,7 @@ class Worker:
             slots=self.settings.worker_slots,
             consumer=self.consumer,
             engine=self.engine.name,
+            lease_ttl_s=self.settings.lease_ttl_s,
         )
 
     async def run(self) -> None:
@@ -137,17 +144,22 @@ class Worker:
             background = [
                 asyncio.create_task(self._control_loop(), name="worker-control"),
                 asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
+                asyncio.create_task(
+                    self.recovery.renew_loop(self._jobs.values, self._closing), name="worker-renew"
+                ),
             ]
             await self._read_loop()
+            self._enter(WorkerState.DRAINING, WorkerState.RUNNING)
             await self._drain()
         finally:
-            await self._abandon_jobs()
+            await self._hand_back_all()
             self._closing.set()
             # Cancelling only hastens them: they also end by the flag within one BLOCK.
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._shutdown()
+            self.state = WorkerState.STOPPED
             self._finished.set()
 
     def request_stop(self) -> None:
@@ -161,38 +173,60 @@ class Worker:
         if self._in_run:
             await self._finished.wait()
 
+    def engine_died(self, error: str, job_id: str) -> None:
+        """A job saw its engine die: the worker stops, leaving its jobs to others."""
+        if self.failure is None:
+            self.failure = error
+            log(logger, "engine_dead", logging.ERROR, job_id=job_id, error=error)
+        self.request_stop()
+
     async def _shutdown(self) -> None:
         try:
             await self.engine.close()
         except Exception as exc:
             log(logger, "engine_close_failed", logging.ERROR, error=repr(exc))
         with contextlib.suppress(RedisError):
-            await self._redis.delete(self.keys.worker(self.consumer))
+            await self.redis.delete(self.keys.worker(self.consumer))
         await self._blocking.aclose()
-        await self._redis.aclose()
+        await self.redis.aclose()
         log(logger, "worker_stopped", consumer=self.consumer)
 
     async def _drain(self) -> None:
         if not self._tasks:
             return
-        log(logger, "worker_draining", running=len(self._tasks))
+        log(logger, "worker_draining", running=len(self._tasks), deadline_s=self.drain_timeout_s)
         _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_timeout_s)
         if pending:
-            log(logger, "drain_timeout", logging.WARNING, abandoned=len(pending))
+            log(logger, "drain_timeout", logging.WARNING, handing_back=len(pending))
 
-    async def _abandon_jobs(self) -> None:
-        # Unacknowledged, they stay pending in the group for another worker to continue.
+    async def _hand_back_all(self) -> None:
+        """Stop every job still running here, then give each back for another worker."""
+        if not self._tasks:
+            return
+        left = list(self._tasks.values())
         # Cancel again while any remain: redis-py on Python 3.11 can swallow a cancel.
         for _ in range(10):
             if not self._tasks:
-                return
+                break
             for task in self._tasks:
                 task.cancel()
             await asyncio.wait(set(self._tasks), timeout=1.0)
+        # Only now: a job still publishing could otherwise slip a batch in after the release.
+        for running in left:
+            try:
+                await self.recovery.hand_back(running)
+            except RedisError as exc:  # the lease lapses instead
+                log(
+                    logger,
+                    "hand_back_failed",
+                    logging.WARNING,
+                    job_id=running.job.id,
+                    error=repr(exc),
+                )
 
     async def _ensure_group(self) -> None:
         try:
-            await self._redis.xgroup_create(self.stream, JOBS_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.stream, JOBS_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -200,6 +234,9 @@ class Worker:
     # Reading jobs
 
     async def _read_loop(self) -> None:
+        reclaim_s = self.settings.reclaim_interval_s
+        block_ms = max(1, min(self.settings.block_ms, int(reclaim_s * 1000)))
+        failures = 0
         while not self._stopping.is_set():
             free = self.settings.worker_slots - len(self._tasks)
             if free <= 0:
@@ -208,23 +245,31 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             try:
-                reply = await self._blocking.xreadgroup(
-                    JOBS_GROUP,
-                    self.consumer,
-                    {self.stream: ">"},
-                    count=free,
-                    block=max(self.settings.block_ms, 1),
-                )
+                entries = []
+                now = time.monotonic()
+                if now - self._last_reclaim >= reclaim_s:
+                    self._last_reclaim = now
+                    entries = await self.recovery.reclaim(free)
+                if not entries:
+                    reply = await self._blocking.xreadgroup(
+                        JOBS_GROUP, self.consumer, {self.stream: ">"}, count=free, block=block_ms
+                    )
+                    entries = stream_entries(reply)
+                failures = 0
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                await self._ensure_group()  # the stream was deleted under us
+                # The stream was deleted under us, or Redis restarted without its data.
+                with contextlib.suppress(RedisError):
+                    await self._ensure_group()
                 continue
             except RedisError as exc:
-                log(logger, "jobs_read_failed", logging.WARNING, error=repr(exc))
-                await asyncio.sleep(1.0)
+                failures += 1
+                delay = min(0.1 * 2**failures, 2.0)
+                log(logger, "jobs_read_failed", logging.WARNING, error=repr(exc), retry_s=delay)
+                await asyncio.sleep(delay)
                 continue
-            for entry_id, fields in stream_entries(reply):
+            for entry_id, fields in entries:
                 await self._dispatch(entry_id, fields)
 
     async def _dispatch(self, entry_id: str, fields: Fields) -> None:
@@ -235,23 +280,43 @@ class Worker:
             job_id, session_id = usable_ids(bad)
             await self._refuse(entry_id, fields, bad.code, bad.reason, job_id, session_id)
             return
-        if job.id in self._jobs:
-            # The same job twice at once would interleave its answer; the running one stands.
-            await self._refuse(
-                entry_id, fields, "duplicate_job", "job is already running here", job.id, None
-            )
-            return
-        running = _Running(job, entry_id, fields)
+        here = self._jobs.get(job.id)
+        if here is not None:
+            if here.entry_id != entry_id:
+                # The same job enqueued twice: the running one stands, this one is recorded.
+                log(logger, "job_duplicate", job_id=job.id, entry_id=entry_id, of="running")
+                self.metrics.finished("duplicate")
+                with contextlib.suppress(RedisError):
+                    await self.record_duplicate(job.id, entry_id)
+                    await self.redis.xack(self.stream, JOBS_GROUP, entry_id)
+            return  # our own entry, reclaimed while we run it: nothing to do
+        running = Running(job, entry_id, fields)
         self._jobs[job.id] = running
         task = asyncio.create_task(self._run_job(running), name=f"job-{job.id}")
-        self._tasks.add(task)
+        self._tasks[task] = running
         self.metrics.jobs_running.inc()
         task.add_done_callback(self._job_done)
 
+    async def _run_job(self, running: Running) -> None:
+        try:
+            await JobRunner(self, running).run()
+        finally:
+            if self._jobs.get(running.job.id) is running:
+                del self._jobs[running.job.id]
+
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         self.metrics.jobs_running.dec()
         self._slot_freed.set()
+
+    async def record_duplicate(self, job_id: str, entry_id: str) -> None:
+        """Note on the job's record that another entry of it was acknowledged, not run."""
+        record = self.keys.job(job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(record, "duplicates", 1)
+            pipe.hset(record, "last_duplicate_entry", entry_id)
+            pipe.expire(record, self.settings.job_ttl_s)
+            await pipe.execute()
 
     async def _refuse(
         self,
@@ -262,41 +327,20 @@ class Worker:
         job_id: str | None,
         session_id: str | None,
     ) -> None:
-        """Dead-letter an entry, then acknowledge it and tell its session (when one is known)."""
-        log(
-            logger,
-            "bad_entry",
-            logging.WARNING,
+        self.metrics.finished("refused")
+        await refuse(
+            self.redis,
+            self.keys,
+            self.sessions,
+            self.settings,
+            stream=self.stream,
             entry_id=entry_id,
+            fields=fields,
             code=code,
             reason=reason,
             job_id=job_id,
             session_id=session_id,
         )
-        self.metrics.finished("refused")
-        try:
-            await dead_letter(
-                self._redis,
-                self.keys,
-                maxlen=self.settings.dead_maxlen,
-                stream=self.stream,
-                entry_id=entry_id,
-                fields=fields,
-                code=code,
-                reason=reason,
-                job_id=job_id,
-                session_id=session_id,
-            )
-            await self._redis.xack(self.stream, JOBS_GROUP, entry_id)
-            if session_id:
-                error = Error(code=code, message=reason, job_id=job_id)
-                await self._sessions.publish(session_id, [error], job_id=job_id or "_")
-            if job_id and code != "duplicate_job":
-                await set_state(
-                    self._redis, self.keys, job_id, "failed", self.settings.job_ttl_s, error=code
-                )
-        except RedisError as exc:  # left pending; never stops the loop
-            log(logger, "bad_entry_failed", logging.ERROR, entry_id=entry_id, error=repr(exc))
 
     # Control
 
@@ -332,7 +376,7 @@ class Worker:
 
     async def _beat(self) -> None:
         await beat(
-            self._redis,
+            self.redis,
             self.keys,
             worker_id=self.consumer,
             model=self.settings.model,
@@ -342,191 +386,7 @@ class Worker:
             interval_s=self.settings.heartbeat_s,
         )
 
-    # Running a job
-
-    async def _run_job(self, running: _Running) -> None:
-        job = running.job
-        try:
-            outcome = await self._execute(running)
-            if outcome is not None:
-                # State before ack: a redelivered entry whose record is final is only acked.
-                await set_state(
-                    self._redis,
-                    self.keys,
-                    job.id,
-                    outcome.state,
-                    self.settings.job_ttl_s,
-                    finish=outcome.finish,
-                    entry_id=running.entry_id,
-                    finished_at=time.time(),
-                )
-            await self._redis.xack(self.stream, JOBS_GROUP, running.entry_id)
-            if outcome is not None:
-                self.metrics.finished(outcome.state)
-                self._log_finished(running, outcome)
-        except asyncio.CancelledError:
-            log(
-                logger, "job_interrupted", logging.WARNING, job_id=job.id, entry_id=running.entry_id
-            )
-            raise
-        except EngineDead as exc:  # left pending: another worker continues it
-            if self.failure is None:
-                self.failure = str(exc)
-                log(logger, "engine_dead", logging.ERROR, job_id=job.id, error=str(exc))
-            self.request_stop()
-        except Exception as exc:  # Redis failed under us: leave the entry pending for a retry
-            log(
-                logger,
-                "job_crashed",
-                logging.ERROR,
-                job_id=job.id,
-                error=repr(exc),
-                exc=traceback.format_exc(),
-            )
-        finally:
-            self._jobs.pop(job.id, None)
-
-    async def _execute(self, running: _Running) -> _Outcome | None:
-        """Publish the job's events up to its terminal one; None when there is nothing to do."""
-        job, settings = running.job, self.settings
-        remembers = job.memory and job.messages is not None
-        prefix = ""
-
-        async def remember(text: str, finish: FinishReason) -> None:
-            await self._remember(job, prefix + text, finish)
-
-        pub = JobPublisher(
-            self._sessions,
-            job,
-            model=settings.model,
-            window_ms=settings.batch_window_ms,
-            on_end=remember if remembers else None,
-        )
-        record = await get_record(self._redis, self.keys, job.id)
-        if record.get("state") in TERMINAL_STATES and record.get("entry_id") == running.entry_id:
-            # Redelivered after its worker finished it but died before acknowledging.
-            log(logger, "job_already_finished", job_id=job.id, state=record["state"])
-            return None
-        if record.get("cancel_requested") or running.cancel_requested:
-            await pub.end("cancelled")
-            return _Outcome("cancelled", "cancelled")
-        if job.deadline is not None and job.deadline < time.time():
-            await pub.error("deadline_exceeded", "the job's deadline passed before it could run")
-            return _Outcome("failed", "deadline_exceeded")
-        attempts = int(await self._redis.hincrby(self.keys.job(job.id), "attempts", 1))
-        if attempts > settings.max_attempts:
-            return await self._give_up(running, pub, attempts)
-        await set_state(
-            self._redis,
-            self.keys,
-            job.id,
-            "running",
-            settings.job_ttl_s,
-            worker=self.consumer,
-            entry_id=running.entry_id,
-            session_id=job.session_id,
-            model=settings.model,
-            started_at=time.time(),
-        )
-        raw_prefix = await self._redis.get(self.keys.job_text(job.session_id, job.id))
-        prefix = raw_prefix.decode() if isinstance(raw_prefix, bytes) else (raw_prefix or "")
-        history = await self._conversations.load(job.session_id) if remembers else []
-        # A continued answer gets no second StreamStart: the client sees one answer.
-        if not prefix:
-            await pub.start(attempt=attempts - 1)
-        log(
-            logger,
-            "job_started",
-            job_id=job.id,
-            session_id=job.session_id,
-            attempt=attempts - 1,
-            continued_chars=len(prefix),
-            history=len(history),
-        )
-        try:
-            return await self._stream(running, pub, prefix, history)
-        finally:
-            await pub.aclose()
-
-    async def _remember(self, job: Job, answer: str, finish: FinishReason) -> None:
-        if finish == "cancelled" and not answer:
-            return  # stopped before it said anything: nothing to remember
-        assert job.messages is not None
-        exchange = Exchange(
-            job_id=job.id, messages=tuple(job.messages), answer=answer, finish_reason=finish
-        )
-        await self._conversations.remember(job.session_id, exchange)
-
-    async def _stream(
-        self,
-        running: _Running,
-        pub: JobPublisher,
-        prefix: str,
-        history: list[Exchange],
-    ) -> _Outcome:
-        job = running.job
-        if running.cancel_requested:  # cancelled while the job was being set up
-            await pub.end("cancelled")
-            return _Outcome("cancelled", "cancelled")
-        first_token_s: float | None = None
-        last_t: float | None = None  # engine time of the last token
-        deltas: AsyncIterator[EngineDelta] | None = None
-        finished = False
-        try:
-            deltas = self.engine.generate(job, prefix=prefix, history=history)
-            while True:
-                try:
-                    delta = await anext(deltas)
-                except StopAsyncIteration:
-                    log(logger, "engine_no_finish", logging.WARNING, job_id=job.id)
-                    await pub.end("stop")
-                    finished = True
-                    return _Outcome("done", "stop", pub.published_tokens, first_token_s)
-                if running.cancel_requested and not running.abort_repeated:
-                    # A cancel that came before the engine knew the job: repeat it now.
-                    running.abort_repeated = True
-                    await self.engine.abort(job.id)
-                if first_token_s is None and delta.tokens:
-                    first_token_s = time.monotonic() - running.started
-                if delta.tokens:
-                    last_t = self._count_tokens(delta, last_t, job, continued=bool(prefix))
-                await pub.add(delta)
-                if delta.finish_reason is not None:
-                    finished = True
-                    state: JobState = "cancelled" if delta.finish_reason == "cancelled" else "done"
-                    return _Outcome(state, delta.finish_reason, pub.published_tokens, first_token_s)
-        except EngineError as exc:
-            if pub.ended:
-                raise
-            finished = True
-            await pub.error(exc.code, exc.message)
-            return _Outcome("failed", exc.code, pub.published_tokens, first_token_s)
-        except (RedisError, asyncio.CancelledError, EngineDead):
-            raise
-        except Exception as exc:
-            if pub.ended:
-                raise
-            log(
-                logger,
-                "engine_error",
-                logging.ERROR,
-                job_id=job.id,
-                error=repr(exc),
-                exc=traceback.format_exc(),
-            )
-            finished = True
-            await pub.error("engine_error", f"the engine failed: {exc}")
-            return _Outcome("failed", "engine_error", pub.published_tokens, first_token_s)
-        finally:
-            if not finished:
-                with contextlib.suppress(Exception):
-                    await self.engine.abort(job.id)
-            aclose = getattr(deltas, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
-
-    def _count_tokens(
+    def count_tokens(
         self, delta: EngineDelta, last_t: float | None, job: Job, *, continued: bool
     ) -> float:
         """Metrics of a delta with tokens; returns its time, the next one's ``last_t``."""
@@ -537,39 +397,3 @@ class Worker:
         elif not continued:  # a continued answer's first token was an earlier attempt's
             m.ttft.observe(max(0.0, delta.t - job.created_at))
         return delta.t
-
-    async def _give_up(self, running: _Running, pub: JobPublisher, attempts: int) -> _Outcome:
-        job = running.job
-        reason = (
-            f"job was attempted {attempts - 1} times; the limit is {self.settings.max_attempts}"
-        )
-        await dead_letter(
-            self._redis,
-            self.keys,
-            maxlen=self.settings.dead_maxlen,
-            stream=self.stream,
-            entry_id=running.entry_id,
-            fields=running.fields,
-            code="too_many_attempts",
-            reason=reason,
-            job_id=job.id,
-            session_id=job.session_id,
-        )
-        await pub.error("too_many_attempts", reason)
-        return _Outcome("failed", "too_many_attempts")
-
-    def _log_finished(self, running: _Running, outcome: _Outcome) -> None:
-        fields: dict[str, Any] = {
-            "job_id": running.job.id,
-            "session_id": running.job.session_id,
-            "state": outcome.state,
-            "finish": outcome.finish,
-            "tokens": outcome.tokens,
-            "duration_ms": round((time.monotonic() - running.started) * 1000, 1),
-        }
-        if outcome.first_token_s is not None:
-            fields["ttft_ms"] = round(outcome.first_token_s * 1000, 1)
-        event = {"cancelled": "job_cancelled", "failed": "job_failed"}.get(
-            outcome.state, "job_finished"
-        )
-        log(logger, event, **fields)

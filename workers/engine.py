@@ -19,6 +19,9 @@ class EngineDelta:
     t: float  # unix time the engine emitted it
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    #: The ids of this delta's tokens, where the engine has them: a later attempt continues
+    #: from prompt + these ids rather than re-tokenized text, so it picks up exactly here.
+    token_ids: tuple[int, ...] = ()
 
 
 class EngineError(Exception):
@@ -43,19 +46,33 @@ class Engine(Protocol):
 
     name: str
 
+    #: What this engine's token ids mean (engine, model, vocabulary): ids published by an
+    #: engine with another space are never fed back to this one.
+    @property
+    def token_space(self) -> str: ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
     def generate(
-        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+        self,
+        job: Job,
+        *,
+        prefix: str = "",
+        prefix_ids: Sequence[int] | None = None,
+        history: Sequence[Exchange] = (),
     ) -> AsyncIterator[EngineDelta]:
         """Stream the answer to ``job``; the last delta has ``finish_reason`` set.
 
         ``prefix`` is answer text an earlier attempt already published: generation continues
-        after it and never emits it again. ``history`` is the session's earlier exchanges, for
-        a chat job: the engine puts the latest that fit its context in front of the job's
-        messages (workers.context.fit). Raises EngineError for requests it refuses.
+        after it and never emits it again. ``prefix_ids``, when given, are that text's token
+        ids (in this engine's ``token_space``): the engine continues from them exactly, and
+        uses ``prefix`` only when they are missing. An answer that cannot be continued
+        faithfully (a seeded sample) raises EngineError("not_resumable").
+        ``history`` is the session's earlier exchanges, for a chat job: the engine puts the
+        latest that fit its context in front of the job's messages (workers.context.fit).
+        Raises EngineError for requests it refuses.
         """
         ...
 

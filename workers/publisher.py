@@ -3,6 +3,11 @@
 The first delta goes out at once (time to first token is what users feel); later ones are
 batched so a fast engine costs one script call per window rather than one per token. A flusher
 task wakes at ``last flush + window``, so a trailing batch never waits for a next token.
+
+Every batch is fenced by the job's lease (``shared.scripts.Fence``): a publisher whose job
+moved to another worker gets StaleFence and must stop. While Redis is unreachable a batch is
+retried as it was (the script recognises one it applied already); the engine keeps generating
+meanwhile and what it said goes out in the next batch, up to ``hold_s`` of outage.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from shared.codec import AnyEvent
+from shared.outage import ride_out
 from shared.protocol import Delta, Error, FinishReason, Job, StreamEnd, StreamStart, Usage
-from shared.scripts import SessionPublisher
+from shared.scripts import Fence, SessionPublisher
 from workers.engine import EngineDelta
 
-#: Called with the whole answer (this attempt's text) just before StreamEnd is published.
+#: Called with the whole answer (all attempts' text) just before StreamEnd is published.
 OnEnd = Callable[[str, FinishReason], Awaitable[None]]
 
 
@@ -30,6 +36,9 @@ class JobPublisher:
         *,
         model: str,
         window_ms: float,
+        fence: Fence | None = None,
+        hold_s: float = 30.0,
+        prefix: str = "",
         on_end: OnEnd | None = None,
     ) -> None:
         self._sessions = sessions
@@ -38,18 +47,21 @@ class JobPublisher:
         self._created_at = job.created_at
         self._model = model
         self._window = max(window_ms, 0.0) / 1000.0
+        self._fence = fence
+        self._hold_s = hold_s
         # One publish at a time, taken in call order: offsets follow the answer's order.
         self._lock = asyncio.Lock()
         self._parts: list[str] = []
+        self._ids: list[int] = []
         self._tokens = 0
         self._t = 0.0
         self._first_sent = False
         self._last_flush = 0.0
         self._pending = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
         self._on_end = on_end
-        self._text: list[str] = []  # published by this attempt
+        self._text: list[str] = [prefix] if prefix else []  # the answer, earlier attempts' too
         self.ended = False
         self.published_tokens = 0
 
@@ -107,32 +119,51 @@ class JobPublisher:
             await self.aclose()
             self._raise_failure()
             if finish is not None and self._on_end is not None:
-                await self._on_end("".join(self._text + self._parts), finish)
-            await self._send([event])
+                answer = "".join(self._text + self._parts)
+                on_end = self._on_end
+                await ride_out(lambda: on_end(answer, finish), hold_s=self._hold_s)
+            await self._send([event], terminal=True)
             self.ended = True
 
     def _buffer(self, delta: EngineDelta) -> None:
         if delta.text or delta.tokens:
             self._parts.append(delta.text)
+            self._ids.extend(delta.token_ids)
             self._tokens += delta.tokens
             self._t = delta.t
 
-    async def _send(self, extra: list[AnyEvent]) -> None:
+    async def _send(self, extra: list[AnyEvent], *, terminal: bool = False) -> None:
         """Publish the batched text (if any) then ``extra``; the caller holds the lock."""
         events: list[AnyEvent] = []
         text = ""
+        ids: list[int] = []
+        tokens = 0
         if self._parts:
             text = "".join(self._parts)
-            self._text.append(text)
-            events.append(Delta(job_id=self._job_id, delta=text, tokens=self._tokens, t=self._t))
-            self.published_tokens += self._tokens
-            self._parts.clear()
-            self._tokens = 0
+            ids, tokens = self._ids, self._tokens
+            events.append(Delta(job_id=self._job_id, delta=text, tokens=tokens, t=self._t))
+            self._parts, self._ids, self._tokens = [], [], 0
         events.extend(extra)
         if not events:
             return
         self._last_flush = asyncio.get_running_loop().time()
-        await self._sessions.publish(self._session_id, events, job_id=self._job_id, text=text)
+        sessions, sid, job_id, fence = self._sessions, self._session_id, self._job_id, self._fence
+        await ride_out(
+            lambda: sessions.publish_batch(
+                sid,
+                events,
+                job_id=job_id,
+                text=text,
+                fence=fence,
+                token_ids=ids,
+                tokens=tokens,
+                terminal=terminal and fence is not None,
+            ),
+            hold_s=self._hold_s,
+        )
+        if text:
+            self._text.append(text)
+        self.published_tokens += tokens
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -41,6 +41,12 @@ _WORD_LIST = """
     sentence better best across during today others however sure means knew itself young
     """
 WORDS: tuple[str, ...] = tuple(_WORD_LIST.split())
+_WORD_ID = {word: i for i, word in enumerate(WORDS)}
+
+
+def token_id(token: str) -> int:
+    """A synthetic token's id: its word's place in WORDS."""
+    return _WORD_ID[token.lstrip()]
 
 
 def _seed(job: Job) -> int:
@@ -110,6 +116,7 @@ def _usage(prompt: int, completion: int) -> Usage:
 
 class SyntheticEngine:
     name: str = "synthetic"
+    token_space: str = "synthetic:words-v1"
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -131,11 +138,21 @@ class SyntheticEngine:
             aborted.set()
 
     async def generate(
-        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+        self,
+        job: Job,
+        *,
+        prefix: str = "",
+        prefix_ids: Sequence[int] | None = None,
+        history: Sequence[Exchange] = (),
     ) -> AsyncIterator[EngineDelta]:
         total, finish = answer_length(job, self._settings)
         tokens = synthetic_text(job, total)
-        done = _tokens_in_prefix(tokens, prefix)
+        if prefix_ids is not None and (prefix_ids or not prefix):
+            done = len(prefix_ids)
+            if done > total or [token_id(t) for t in tokens[:done]] != list(prefix_ids):
+                raise EngineError("bad_prefix", "published token ids are not this answer's")
+        else:
+            done = _tokens_in_prefix(tokens, prefix)
         n_prompt = prompt_tokens(job, history, self._settings)
         if job.id in self._aborts:
             raise EngineError("duplicate_job", f"job {job.id} is already running")
@@ -153,10 +170,12 @@ class SyntheticEngine:
                 if await _sleep_until(aborted, due, loop):
                     yield EngineDelta("", 0, time.time(), "cancelled", _usage(n_prompt, i))
                     return
+                ids = (token_id(tokens[i]),)
                 if i == total - 1:
-                    yield EngineDelta(tokens[i], 1, time.time(), finish, _usage(n_prompt, total))
+                    usage = _usage(n_prompt, total)
+                    yield EngineDelta(tokens[i], 1, time.time(), finish, usage, token_ids=ids)
                 else:
-                    yield EngineDelta(tokens[i], 1, time.time())
+                    yield EngineDelta(tokens[i], 1, time.time(), token_ids=ids)
         finally:
             if self._aborts.get(job.id) is aborted:
                 del self._aborts[job.id]

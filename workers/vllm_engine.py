@@ -105,6 +105,12 @@ class VllmEngine:
         self._tokenizer: Any = None
         self.max_model_len = 0
         self._requests: dict[str, str] = {}  # job id -> vLLM request id
+        self._space = f"vllm:{settings.model}"
+
+    @property
+    def token_space(self) -> str:
+        """The weights' source and the tokenizer's size: ids are only reused by the same."""
+        return self._space
 
     @property
     def llm(self) -> Any:
@@ -145,6 +151,7 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
+        self._space = f"vllm:{source}:vocab={len(self._tokenizer)}"
         log(
             logger,
             "engine_started",
@@ -204,11 +211,26 @@ class VllmEngine:
         return fitted.prompt
 
     def _render_with(
-        self, job: Job, prefix: str, history: Sequence[Exchange]
-    ) -> tuple[list[int], list[int]]:
-        """The prompt's token ids, and those of ``prefix`` (an answer to continue)."""
-        answered = self._tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
-        return self.render(job, history), list(answered)
+        self, job: Job, prefix: str, prefix_ids: Sequence[int] | None, history: Sequence[Exchange]
+    ) -> tuple[list[int], list[int], str]:
+        """The prompt's token ids, those of the answer to continue, and its held-back text.
+
+        The published ids when there are any: re-tokenizing the text may split it otherwise
+        than the model did, and a greedy answer would then drift from the uninterrupted one.
+        vLLM holds back the text of the last tokens while it may still be part of a stop
+        string; when the ids went out ahead of their text, that text is owed to the client.
+        """
+        held = ""
+        if prefix_ids is not None:
+            answered: list[int] = list(prefix_ids)
+            decoded = str(self._tokenizer.decode(answered, skip_special_tokens=True))
+            if decoded.startswith(prefix):
+                held = decoded[len(prefix) :]
+        elif prefix:
+            answered = list(self._tokenizer.encode(prefix, add_special_tokens=False))
+        else:
+            answered = []
+        return self.render(job, history), answered, held
 
     def sampling_params(self, job: Job, room: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -230,13 +252,29 @@ class VllmEngine:
             raise EngineError("invalid_sampling", str(exc)) from exc
 
     async def generate(
-        self, job: Job, *, prefix: str = "", history: Sequence[Exchange] = ()
+        self,
+        job: Job,
+        *,
+        prefix: str = "",
+        prefix_ids: Sequence[int] | None = None,
+        history: Sequence[Exchange] = (),
     ) -> AsyncIterator[EngineDelta]:
         llm = self.llm
         if job.id in self._requests:
             raise EngineError("duplicate_job", f"job {job.id} is already running")
+        s = job.sampling
+        if (prefix or prefix_ids) and s.seed is not None and s.temperature != 0:
+            # vLLM's seeded generator restarts with the request: the rest of the answer would
+            # be another sample than the one the seed promises.
+            raise EngineError(
+                "not_resumable",
+                "a seeded, sampled answer cannot be continued after its worker stopped; "
+                "send it again (or use temperature 0, which continues exactly)",
+            )
         # Off the event loop: a long prompt takes milliseconds to tokenize.
-        prompt, answered = await asyncio.to_thread(self._render_with, job, prefix, history)
+        prompt, answered, held = await asyncio.to_thread(
+            self._render_with, job, prefix, prefix_ids, history
+        )
         full = prompt + answered
         prompt_len = len(prompt)
         done = len(answered)  # answer tokens an earlier attempt published
@@ -253,6 +291,8 @@ class VllmEngine:
             yield EngineDelta("", 0, time.time(), "length", _usage(prompt_len, done))
             return
         params = self.sampling_params(job, room)
+        if held:
+            yield EngineDelta(held, 0, time.time())
         request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"
         self._requests[job.id] = request_id
         completion = done
@@ -265,9 +305,10 @@ class VllmEngine:
                     output = out.outputs[0]
                     n = len(output.token_ids)
                     completion += n
+                    ids = tuple(output.token_ids)
                     if not out.finished:
                         if output.text or n:
-                            yield EngineDelta(output.text, n, time.time())
+                            yield EngineDelta(output.text, n, time.time(), token_ids=ids)
                         continue
                     reason = _FINISH.get(str(output.finish_reason))
                     if reason is None:
@@ -275,9 +316,8 @@ class VllmEngine:
                             "engine_error",
                             f"vLLM ended the request with {output.finish_reason!r}: try again",
                         )
-                    yield EngineDelta(
-                        output.text, n, time.time(), reason, _usage(prompt_len, completion)
-                    )
+                    usage = _usage(prompt_len, completion)
+                    yield EngineDelta(output.text, n, time.time(), reason, usage, token_ids=ids)
                     return
             except VLLMClientError as exc:
                 raise EngineError("invalid_request", str(exc)) from exc

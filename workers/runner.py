@@ -1,0 +1,353 @@
+"""One job's execution on one worker: take its lease, publish its answer, record how it ended.
+
+Per job, in order: the session gets StreamStart (only from the first attempt that gets that
+far), Deltas, then exactly one terminal event (StreamEnd or Error); the record gets its final
+state; only then is the entry acknowledged. An attempt that loses its lease (another worker
+took the job over, or Redis lost what it published) stops at once and publishes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from shared.conversation import Exchange
+from shared.jobs import JobState, get_record, set_state
+from shared.keys import JOBS_GROUP
+from shared.lease import Acquired, Busy, Done, Progress
+from shared.logs import log
+from shared.outage import is_transient, ride_out
+from shared.protocol import Error, FinishReason, Job
+from shared.scripts import Fence, LostWrites, StaleFence
+from workers.deadletter import dead_letter
+from workers.engine import EngineDead, EngineDelta, EngineError
+from workers.intake import Fields
+from workers.publisher import JobPublisher
+
+if TYPE_CHECKING:
+    from workers.consumer import Worker
+
+logger = logging.getLogger("tokenbus.worker")
+
+
+@dataclass(slots=True)
+class Running:
+    """A job this worker picked up, from its entry until it ends or is dropped."""
+
+    job: Job
+    entry_id: str
+    fields: Fields
+    fence: Fence | None = None  # set once the lease is ours
+    cancel_requested: bool = False
+    abort_repeated: bool = False
+    lease_lost: bool = False  # renewal found the lease moved on: stop, publish nothing
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: JobState
+    finish: str  # finish reason or error code
+    tokens: int = 0
+    first_token_s: float | None = None
+
+
+class JobRunner:
+    """Runs one job for ``worker`` (which owns the Redis clients, engine and settings)."""
+
+    def __init__(self, worker: Worker, running: Running) -> None:
+        self.w = worker
+        self.running = running
+        self.job = running.job
+
+    async def run(self) -> None:
+        w, running, job = self.w, self.running, self.job
+        try:
+            outcome = await self._attempt()
+            if outcome is None:
+                return
+            await ride_out(lambda: self._finish(outcome), hold_s=w.settings.outage_hold_s)
+            w.metrics.finished(outcome.state)
+            self._log_finished(outcome)
+        except asyncio.CancelledError:
+            log(
+                logger, "job_interrupted", logging.WARNING, job_id=job.id, entry_id=running.entry_id
+            )
+            raise
+        except StaleFence as exc:  # another worker holds the job now: it answers
+            log(logger, "job_fenced", logging.WARNING, job_id=job.id, reason=str(exc))
+        except LostWrites as exc:
+            await self._after_lost_writes(exc)
+        except EngineDead as exc:  # left pending: another worker continues it
+            w.engine_died(str(exc), job.id)
+        except Exception as exc:
+            # Redis unreachable past the hold: the lease lapses, another worker continues.
+            event = "job_handed_back" if is_transient(exc) else "job_crashed"
+            log(
+                logger,
+                event,
+                logging.ERROR,
+                job_id=job.id,
+                error=repr(exc),
+                exc=None if is_transient(exc) else traceback.format_exc(),
+            )
+
+    async def _finish(self, outcome: Outcome) -> None:
+        w, running = self.w, self.running
+        # State before ack: a redelivered entry whose lease is done is only acknowledged.
+        await set_state(
+            w.redis,
+            w.keys,
+            self.job.id,
+            outcome.state,
+            w.settings.job_ttl_s,
+            finish=outcome.finish,
+            entry_id=running.entry_id,
+            finished_at=time.time(),
+        )
+        await w.redis.xack(w.stream, JOBS_GROUP, running.entry_id)
+
+    async def _attempt(self) -> Outcome | None:
+        """Publish the job's events up to its terminal one; None when it is not ours to run."""
+        w, running, job, settings = self.w, self.running, self.job, self.w.settings
+        lease = await ride_out(
+            lambda: w.leases.acquire(
+                job.session_id,
+                job.id,
+                owner=w.consumer,
+                entry_id=running.entry_id,
+                space=w.engine.token_space,
+            ),
+            hold_s=settings.outage_hold_s,
+        )
+        if not isinstance(lease, Acquired):
+            await self._not_ours(lease)
+            return None
+        running.fence = lease.fence
+        progress = lease.progress
+        remembers = job.memory and job.messages is not None
+
+        async def remember(answer: str, finish: FinishReason) -> None:
+            await self._remember(answer, finish)
+
+        pub = JobPublisher(
+            w.sessions,
+            job,
+            model=settings.model,
+            window_ms=settings.batch_window_ms,
+            fence=lease.fence,
+            hold_s=settings.outage_hold_s,
+            prefix=progress.text,
+            on_end=remember if remembers else None,
+        )
+        try:
+            if lease.failures > settings.max_attempts:
+                return await self._give_up(pub, lease.failures)
+            record = await get_record(w.redis, w.keys, job.id)
+            if record.get("cancel_requested") or running.cancel_requested:
+                await pub.end("cancelled")
+                return Outcome("cancelled", "cancelled")
+            if job.deadline is not None and job.deadline < time.time():
+                await pub.error(
+                    "deadline_exceeded", "the job's deadline passed before it could run"
+                )
+                return Outcome("failed", "deadline_exceeded")
+            await set_state(
+                w.redis,
+                w.keys,
+                job.id,
+                "running",
+                settings.job_ttl_s,
+                worker=w.consumer,
+                entry_id=running.entry_id,
+                session_id=job.session_id,
+                model=settings.model,
+                attempts=lease.attempts,
+                started_at=time.time(),
+            )
+            history = await w.conversations.load(job.session_id) if remembers else []
+            # A continued answer gets no second StreamStart: the client sees one answer.
+            if not progress.started:
+                await pub.start(attempt=lease.attempts - 1)
+            log(
+                logger,
+                "job_started",
+                job_id=job.id,
+                session_id=job.session_id,
+                attempt=lease.attempts - 1,
+                fence=lease.fence.token,
+                continued_tokens=progress.tokens,
+                from_ids=progress.token_ids is not None and bool(progress.token_ids),
+                history=len(history),
+            )
+            return await self._stream(pub, progress, history)
+        finally:
+            await pub.aclose()
+
+    async def _not_ours(self, lease: Busy | Done) -> None:
+        w, running, job = self.w, self.running, self.job
+        if isinstance(lease, Busy) and lease.entry_id == running.entry_id:
+            # This very entry, reclaimed while its holder still renews: leave it pending, and
+            # claimable again only once the lease would have lapsed.
+            await w.recovery.leave_pending(running.entry_id, ms_left=lease.ms_left)
+            return
+        if isinstance(lease, Done) and lease.entry_id == running.entry_id:
+            # Redelivered after its worker finished it but died before acknowledging.
+            log(logger, "job_already_finished", job_id=job.id, entry_id=running.entry_id)
+        else:
+            # Another entry of the same job (enqueued twice): acknowledged and recorded, not run.
+            state = "finished" if isinstance(lease, Done) else "running"
+            log(logger, "job_duplicate", job_id=job.id, entry_id=running.entry_id, of=state)
+            w.metrics.finished("duplicate")
+            await w.record_duplicate(job.id, running.entry_id)
+        await w.redis.xack(w.stream, JOBS_GROUP, running.entry_id)
+
+    async def _remember(self, answer: str, finish: FinishReason) -> None:
+        if finish == "cancelled" and not answer:
+            return  # stopped before it said anything: nothing to remember
+        job = self.job
+        assert job.messages is not None
+        exchange = Exchange(
+            job_id=job.id, messages=tuple(job.messages), answer=answer, finish_reason=finish
+        )
+        await self.w.conversations.remember(job.session_id, exchange)
+
+    async def _stream(
+        self, pub: JobPublisher, progress: Progress, history: list[Exchange]
+    ) -> Outcome:
+        w, running, job = self.w, self.running, self.job
+        if running.cancel_requested:  # cancelled while the job was being set up
+            await pub.end("cancelled")
+            return Outcome("cancelled", "cancelled")
+        first_token_s: float | None = None
+        last_t: float | None = None  # engine time of the last token
+        continued = bool(progress.tokens or progress.text)
+        deltas: AsyncIterator[EngineDelta] | None = None
+        finished = False
+        try:
+            deltas = w.engine.generate(
+                job, prefix=progress.text, prefix_ids=progress.token_ids, history=history
+            )
+            while True:
+                try:
+                    delta = await anext(deltas)
+                except StopAsyncIteration:
+                    log(logger, "engine_no_finish", logging.WARNING, job_id=job.id)
+                    await pub.end("stop")
+                    finished = True
+                    return Outcome("done", "stop", pub.published_tokens, first_token_s)
+                if running.lease_lost:
+                    raise StaleFence(f"job {job.id}: the lease moved on")
+                if running.cancel_requested and not running.abort_repeated:
+                    # A cancel that came before the engine knew the job: repeat it now.
+                    running.abort_repeated = True
+                    await w.engine.abort(job.id)
+                if first_token_s is None and delta.tokens:
+                    first_token_s = time.monotonic() - running.started
+                if delta.tokens:
+                    last_t = w.count_tokens(delta, last_t, job, continued=continued)
+                await pub.add(delta)
+                if delta.finish_reason is not None:
+                    finished = True
+                    state: JobState = "cancelled" if delta.finish_reason == "cancelled" else "done"
+                    return Outcome(state, delta.finish_reason, pub.published_tokens, first_token_s)
+        except EngineError as exc:
+            if pub.ended:
+                raise
+            finished = True
+            await pub.error(exc.code, exc.message)
+            return Outcome("failed", exc.code, pub.published_tokens, first_token_s)
+        except (RedisError, asyncio.CancelledError, EngineDead, StaleFence, LostWrites):
+            raise
+        except Exception as exc:
+            if pub.ended:
+                raise
+            log(
+                logger,
+                "engine_error",
+                logging.ERROR,
+                job_id=job.id,
+                error=repr(exc),
+                exc=traceback.format_exc(),
+            )
+            finished = True
+            await pub.error("engine_error", f"the engine failed: {exc}")
+            return Outcome("failed", "engine_error", pub.published_tokens, first_token_s)
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await w.engine.abort(job.id)
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def _give_up(self, pub: JobPublisher, failures: int) -> Outcome:
+        w, running, job = self.w, self.running, self.job
+        reason = f"job was attempted {failures - 1} times; the limit is {w.settings.max_attempts}"
+        await dead_letter(
+            w.redis,
+            w.keys,
+            maxlen=w.settings.dead_maxlen,
+            stream=w.stream,
+            entry_id=running.entry_id,
+            fields=running.fields,
+            code="too_many_attempts",
+            reason=reason,
+            job_id=job.id,
+            session_id=job.session_id,
+        )
+        await pub.error("too_many_attempts", reason)
+        return Outcome("failed", "too_many_attempts")
+
+    async def _after_lost_writes(self, exc: LostWrites) -> None:
+        """Redis came back without some of what this attempt published (restart, failover).
+
+        The session already has a new epoch, so its followers resync. The job goes back to
+        the queue when its entry survived (it continues from what Redis still holds); when the
+        entry is gone too, the session gets an error: never silence.
+        """
+        w, running, job = self.w, self.running, self.job
+        log(logger, "job_lost_writes", logging.ERROR, job_id=job.id, error=str(exc))
+        try:
+            if running.fence is not None:
+                await w.leases.release(
+                    job.session_id, job.id, owner=w.consumer, fence=running.fence
+                )
+            if await w.redis.xrange(w.stream, running.entry_id, running.entry_id):
+                await w.recovery.leave_pending(running.entry_id, ms_left=0)
+                return
+            message = "Redis lost this job while it ran (restarted without its data); send it again"
+            error = Error(code="job_lost", message=message, job_id=job.id)
+            await w.sessions.publish(job.session_id, [error], job_id=job.id)
+            await set_state(
+                w.redis, w.keys, job.id, "failed", w.settings.job_ttl_s, error="job_lost"
+            )
+            w.metrics.finished("failed")
+        except RedisError as err:
+            log(logger, "job_lost_unreported", logging.ERROR, job_id=job.id, error=repr(err))
+
+    def _log_finished(self, outcome: Outcome) -> None:
+        running = self.running
+        fields: dict[str, Any] = {
+            "job_id": running.job.id,
+            "session_id": running.job.session_id,
+            "state": outcome.state,
+            "finish": outcome.finish,
+            "tokens": outcome.tokens,
+            "duration_ms": round((time.monotonic() - running.started) * 1000, 1),
+        }
+        if outcome.first_token_s is not None:
+            fields["ttft_ms"] = round(outcome.first_token_s * 1000, 1)
+        event = {"cancelled": "job_cancelled", "failed": "job_failed"}.get(
+            outcome.state, "job_finished"
+        )
+        log(logger, event, **fields)
