@@ -31,7 +31,7 @@ from pydantic import AliasChoices, ValidationError
 from shared.embedded_redis import free_port, redis_server_argv
 from shared.keys import Keys
 from shared.protocol import Job, job_json_schema
-from shared.settings import BUNDLED_MODEL, Settings
+from shared.settings import BUNDLED_MODEL, Settings, redact_url
 
 DEFAULT_SCHEMA_PATH = Path("schema") / "job.v1.json"
 _T = TypeVar("_T")
@@ -105,11 +105,8 @@ def _cmd_settings(args: argparse.Namespace) -> int:
     if args.markdown:
         sys.stdout.write(settings_markdown())
         return 0
-    current = Settings()
-    for name in Settings.model_fields:
-        value = getattr(current, name)
-        if name == "secret" and value:
-            value = "***"
+    # Redacted: this output lands in terminals, tickets and CI logs.
+    for name, value in Settings().redacted().items():
         print(f"{env_names(name)[0]}={value}")
     return 0
 
@@ -162,7 +159,7 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     try:
         job_id = _run_async(_enqueue(settings, job, model, args.encoding))
     except (redis.RedisError, OSError) as exc:
-        raise CliError(f"cannot enqueue on {settings.redis_url}: {exc}") from exc
+        raise CliError(f"cannot enqueue on {redact_url(settings.redis_url)}: {exc}") from exc
     print(job_id, flush=True)
     return 0
 
@@ -192,7 +189,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
     try:
         print(_run_async(_token(settings, args.session_id)), flush=True)
     except (redis.RedisError, OSError) as exc:
-        raise CliError(f"cannot read the session secret from {settings.redis_url}: {exc}") from exc
+        where = redact_url(settings.redis_url)
+        raise CliError(f"cannot read the session secret from {where}: {exc}") from exc
     return 0
 
 
@@ -430,11 +428,12 @@ def _up(args: argparse.Namespace, settings: Settings, stack: _Stack) -> int:
 
     if args.embedded_redis or not _redis_answers(settings.redis_url):
         if not args.embedded_redis:
-            _say(f"no Redis answers at {settings.redis_url}: starting an embedded redis-server")
+            where = redact_url(settings.redis_url)
+            _say(f"no Redis answers at {where}: starting an embedded redis-server")
         redis_url = stack.start_redis()
     else:
         redis_url = settings.redis_url
-        _say(f"redis    {redis_url} (already running)")
+        _say(f"redis    {redact_url(redis_url)} (already running)")
 
     env = {
         **os.environ,
@@ -475,7 +474,7 @@ def _up(args: argparse.Namespace, settings: Settings, stack: _Stack) -> int:
         ("sse", f"{public}/v1/sessions/{{id}}/events"),
         ("healthz", f"{public}/healthz"),
         ("readyz", f"{public}/readyz"),
-        ("redis", redis_url),
+        ("redis", redact_url(redis_url)),
         ("jobs", f"{jobs}  (XADD {jobs} '*' job '<job JSON>')"),
     ]
     for label, value in rows:
@@ -657,6 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="print the README's table of every setting"
     )
     settings.set_defaults(func=_cmd_settings)
+
+    from shared.chaos.command import add_parser as add_chaos  # its imports only when needed
+
+    add_chaos(sub)
     return parser
 
 
