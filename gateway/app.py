@@ -15,7 +15,7 @@ from gateway import openai_api, sse, web_page, ws
 from gateway.errors import ApiError, json_body, validated
 from gateway.history import History
 from gateway.hub import Hub
-from gateway.intake import Intake
+from gateway.intake import IDEMPOTENCY_HEADER, REPLAYED_HEADER, Intake
 from gateway.metrics import GatewayMetrics
 from gateway.requests import PromptRequest
 from gateway.state import GATEWAY, Gateway, api_key, bearer
@@ -77,12 +77,17 @@ def _session(request: web.Request) -> tuple[Gateway, str]:
 async def create_job(request: web.Request) -> web.Response:
     gw, session_id = _session(request)
     prompt = validated(PromptRequest, await json_body(request))
-    job = await gw.intake.submit(session_id, prompt)
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    done = await gw.intake.accept(session_id, prompt, idempotency_key=key)
+    job = done.job
+    body = {"job_id": job.id, "session_id": session_id, "model": job.model, "state": done.state}
+    if done.replayed:  # an earlier request with this idempotency key made the job
+        log(logger, "job_replayed", session=session_id, job=job.id)
+        return web.json_response(
+            {**body, "replayed": True}, status=200, headers={REPLAYED_HEADER: "true"}
+        )
     log(logger, "job_enqueued", session=session_id, job=job.id, model=job.model)
-    return web.json_response(
-        {"job_id": job.id, "session_id": session_id, "model": job.model, "state": "queued"},
-        status=202,
-    )
+    return web.json_response(body, status=202)
 
 
 async def _job_record(request: web.Request) -> tuple[Gateway, str, dict[str, str]]:

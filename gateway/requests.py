@@ -39,6 +39,11 @@ class PromptRequest(BaseModel):
     memory: bool = True
     on_disconnect: DisconnectPolicy = "continue"
     timeout_s: float | None = Field(None, gt=0, description="Drop the job if not started by then.")
+    idempotency_key: str | None = Field(
+        None,
+        description="A repeat of this request with the same key on the same session gets the "
+        "same job instead of a new one (over HTTP the Idempotency-Key header says the same).",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

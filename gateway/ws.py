@@ -176,12 +176,15 @@ class Connection:
         echo = {"ref": ref} if ref is not None else {}
         try:
             request = validated(PromptRequest, message)
-            job = await self.gw.intake.submit(self.session_id, request)
+            done = await self.gw.intake.accept(self.session_id, request)
         except ApiError as exc:
             self.send({**exc.event(), **echo})
             return
+        job = done.job
         self.jobs[job.id] = job.on_disconnect
-        self.send({"type": "queued", "job_id": job.id, "model": job.model, **echo})
+        # A repeat of an earlier prompt's idempotency_key: the same job, nothing enqueued.
+        replayed = {"replayed": True} if done.replayed else {}
+        self.send({"type": "queued", "job_id": job.id, "model": job.model, **replayed, **echo})
 
     async def _on_cancel(self, message: dict[str, Any]) -> None:
         assert self.session_id is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from typing import Literal, TypeAlias
 
@@ -50,6 +52,41 @@ async def enqueue(
         results = await pipe.execute()
     entry_id = results[-1]
     return text(entry_id)
+
+
+def idempotent_job_id(session_id: str, key: str, request_digest: str) -> str:
+    """The job id an idempotency key names: the same session, key and request give the same id.
+
+    The request's digest is part of it, so a key reused for another request (once the first use
+    expired) names another job; so is the session id, so one key on two sessions names two jobs.
+    """
+    seed = "\n".join((session_id, key, request_digest)).encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(seed).digest()[:18]  # 144 bits: as unguessable as the session id
+    return "job_" + base64.urlsafe_b64encode(digest).decode("ascii")
+
+
+async def claim_idempotency_key(
+    redis: Redis, keys: Keys, session_id: str, key: str, job_id: str, ttl_s: int
+) -> str | None:
+    """Remember that ``key`` names ``job_id`` on the session, unless it already names a job.
+
+    One ``SET NX GET`` (Redis 7): of any number of requests racing with one key, on any
+    gateways, exactly one gets None (it enqueues); every other gets the job id the key names.
+    """
+    name = keys.session_idempotency(session_id, key)
+    earlier = await redis.set(name, job_id, nx=True, get=True, ex=ttl_s)
+    return None if earlier is None else text(earlier)
+
+
+async def named_job(redis: Redis, keys: Keys, session_id: str, key: str) -> str | None:
+    """The job id ``key`` names on the session, if it names one."""
+    earlier = await redis.get(keys.session_idempotency(session_id, key))
+    return None if earlier is None else text(earlier)
+
+
+async def release_idempotency_key(redis: Redis, keys: Keys, session_id: str, key: str) -> None:
+    """Forget ``key`` (its job could not be enqueued): a retry with it enqueues anew."""
+    await redis.delete(keys.session_idempotency(session_id, key))
 
 
 async def queue_depth(redis: Redis, keys: Keys, model: str) -> int:

@@ -81,6 +81,10 @@ class Keys:
         """List: the session's finished exchanges (JSON), oldest first."""
         return f"{self.prefix}:session:{{{session_id}}}:conversation"
 
+    def session_idempotency(self, session_id: str, key: str) -> str:
+        """String: the job id a client's idempotency key names on this session (it expires)."""
+        return f"{self.prefix}:session:{{{session_id}}}:idem:{key}"
+
     def session_channel(self, session_id: str) -> str:
         return f"{self.prefix}:session:{{{session_id}}}:events"
 

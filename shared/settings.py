@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         "its last event: nobody can resume one.",
     )
     job_ttl_s: int = Field(86_400, description="Seconds a job record lives after its last change.")
+    idempotency_ttl_s: int = Field(
+        86_400,
+        ge=1,
+        description="Seconds a job's idempotency key is remembered: a repeat of the request with "
+        "the same key on the same session gets the same job.",
+    )
     conversation_ttl_s: int = Field(
         86_400, description="Seconds a session's conversation lives after its last exchange."
     )
