@@ -28,10 +28,15 @@ def _lease_fields_prelude() -> str:
     return f"local F = {{{body}}}\n"
 
 
-def load_script(redis: Redis, name: str) -> AsyncScript:
-    """Register ``shared/<name>.lua``, with the lease field prelude in front."""
+def script_source(name: str) -> str:
+    """``shared/<name>.lua``, with the lease field prelude in front."""
     source = resources.files("shared").joinpath(f"{name}.lua").read_text()
-    return redis.register_script(_lease_fields_prelude() + source)
+    return _lease_fields_prelude() + source
+
+
+def load_script(redis: Redis, name: str) -> AsyncScript:
+    """Register ``shared/<name>.lua`` (with its prelude) on an asyncio client."""
+    return redis.register_script(script_source(name))
 
 
 def pack_ids(ids: Sequence[int]) -> bytes:

@@ -33,6 +33,7 @@ from workers.engine import Engine, EngineDelta
 from workers.engines import make_engine
 from workers.heartbeat import beat
 from workers.intake import Fields, check_limits, stream_entries, usable_ids
+from workers.lease_keeper import LeaseKeeper
 from workers.metrics import WorkerMetrics
 from workers.recovery import Recovery
 from workers.runner import JobRunner, Running
@@ -86,9 +87,19 @@ class Worker:
         )
         self.conversations = Conversations.from_settings(self.redis, self.keys, settings)
         self.recovery = Recovery(self)
+        self.keeper = LeaseKeeper(
+            settings.redis_url,
+            self.keys,
+            stream=self.stream,
+            consumer=self.consumer,
+            ttl_ms=self.leases.ttl_ms,
+            stall_s=max(10.0, 5 * settings.lease_ttl_s),
+            on_lost=self._lease_lost,
+        )
         self.state = WorkerState.NEW
         self._jobs: dict[str, Running] = {}
         self._tasks: dict[asyncio.Task[None], Running] = {}
+        self._aborts: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
@@ -141,12 +152,10 @@ class Worker:
         background: list[asyncio.Task[None]] = []
         try:
             await self.start()
+            self.keeper.start()
             background = [
                 asyncio.create_task(self._control_loop(), name="worker-control"),
                 asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
-                asyncio.create_task(
-                    self.recovery.renew_loop(self._jobs.values, self._closing), name="worker-renew"
-                ),
             ]
             await self._read_loop()
             self._enter(WorkerState.DRAINING, WorkerState.RUNNING)
@@ -158,6 +167,7 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.keeper.stop()
             await self._shutdown()
             self.state = WorkerState.STOPPED
             self._finished.set()
@@ -172,6 +182,17 @@ class Worker:
         self.request_stop()
         if self._in_run:
             await self._finished.wait()
+
+    def _lease_lost(self, job_id: str, fence: str) -> None:
+        """The keeper found a job's lease moved on: stop that attempt, publish nothing more."""
+        running = self._jobs.get(job_id)
+        if running is None or running.fence is None or running.fence.token != fence:
+            return  # that attempt already ended
+        running.lease_lost = True
+        log(logger, "lease_lost", logging.WARNING, job_id=job_id, fence=fence)
+        task = asyncio.create_task(self.engine.abort(job_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
 
     def engine_died(self, error: str, job_id: str) -> None:
         """A job saw its engine die: the worker stops, leaving its jobs to others."""

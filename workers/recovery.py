@@ -4,19 +4,14 @@ Why XAUTOCLAIM with a min-idle equal to the lease TTL, rather than XPENDING and 
 per entry: it is one command that returns only candidates, resumes from a cursor and examines
 a bounded number of entries per call, so it stays cheap with thousands pending. For the idle
 time to mean "nobody renewed the lease", a worker re-claims its own running entries (XCLAIM
-JUSTID, which resets their idle time) every time it renews their leases. The lease remains the
-authority: a claimed entry whose lease is still held is left pending (shared/lease.lua).
+JUSTID, which resets their idle time) every time it renews their leases (workers.lease_keeper).
+The lease remains the authority: a claimed entry whose lease is still held is left pending.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
-
-from redis.exceptions import RedisError
 
 from shared.codec import text
 from shared.keys import JOBS_GROUP
@@ -69,51 +64,3 @@ class Recovery:
             await self.leave_pending(running.entry_id, ms_left=0)
         log(logger, "job_handed_back", job_id=job.id, entry_id=running.entry_id, released=released)
         return released
-
-    async def renew_loop(
-        self, running: Callable[[], Iterable[Running]], stop: asyncio.Event
-    ) -> None:
-        """Renew every running job's lease three times per TTL until ``stop``."""
-        interval = self.ttl_ms / 3000.0
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await stop.wait()
-            if stop.is_set():
-                return
-            try:
-                await self.renew(list(running()))
-            except RedisError as exc:
-                log(logger, "lease_renew_failed", logging.WARNING, error=repr(exc))
-
-    async def renew(self, jobs: list[Running]) -> None:
-        held = [r for r in jobs if r.fence is not None and not r.lease_lost]
-        if not held:
-            return
-        w = self.w
-        async with w.redis.pipeline(transaction=False) as pipe:
-            for r in held:
-                assert r.fence is not None
-                await w.leases.renew_in(
-                    pipe, r.job.session_id, r.job.id, owner=w.consumer, fence=r.fence
-                )
-            results = await pipe.execute()
-        await w.redis.xclaim(
-            w.stream,
-            JOBS_GROUP,
-            w.consumer,
-            0,
-            [r.entry_id for r in held],
-            justid=True,
-        )
-        for r, ok in zip(held, results, strict=True):
-            if not ok:
-                r.lease_lost = True
-                log(
-                    logger,
-                    "lease_lost",
-                    logging.WARNING,
-                    job_id=r.job.id,
-                    fence=r.fence.token if r.fence else None,
-                )
-                await w.engine.abort(r.job.id)

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tokenbus.worker")
 
 
+class Interrupted(Exception):
+    """The engine ended the job's request without a cancel: the job goes back, unfinished."""
+
+
 @dataclass(slots=True)
 class Running:
     """A job this worker picked up, from its entry until it ends or is dropped."""
@@ -71,6 +75,14 @@ class JobRunner:
     async def run(self) -> None:
         w, running, job = self.w, self.running, self.job
         try:
+            await self._run()
+        finally:
+            if running.fence is not None:
+                w.keeper.drop(job.id, running.fence.token)
+
+    async def _run(self) -> None:
+        w, running, job = self.w, self.running, self.job
+        try:
             outcome = await self._attempt()
             if outcome is None:
                 return
@@ -84,6 +96,10 @@ class JobRunner:
             raise
         except StaleFence as exc:  # another worker holds the job now: it answers
             log(logger, "job_fenced", logging.WARNING, job_id=job.id, reason=str(exc))
+        except Interrupted as exc:
+            log(logger, "job_interrupted", logging.WARNING, job_id=job.id, reason=str(exc))
+            with contextlib.suppress(RedisError):
+                await w.recovery.hand_back(running)
         except LostWrites as exc:
             await self._after_lost_writes(exc)
         except EngineDead as exc:  # left pending: another worker continues it
@@ -132,6 +148,7 @@ class JobRunner:
             await self._not_ours(lease)
             return None
         running.fence = lease.fence
+        w.keeper.hold(job.session_id, job.id, lease.fence.token, running.entry_id)
         progress = lease.progress
         remembers = job.memory and job.messages is not None
 
@@ -246,6 +263,11 @@ class JobRunner:
                     return Outcome("done", "stop", pub.published_tokens, first_token_s)
                 if running.lease_lost:
                     raise StaleFence(f"job {job.id}: the lease moved on")
+                cancelled = delta.finish_reason == "cancelled"
+                if cancelled and not running.cancel_requested:
+                    # Stopped under us, not by a cancel (the engine shutting down): the answer
+                    # is not over, so it must not end with "cancelled"; another worker goes on.
+                    raise Interrupted(f"job {job.id}: the engine stopped it")
                 if running.cancel_requested and not running.abort_repeated:
                     # A cancel that came before the engine knew the job: repeat it now.
                     running.abort_repeated = True
@@ -257,7 +279,7 @@ class JobRunner:
                 await pub.add(delta)
                 if delta.finish_reason is not None:
                     finished = True
-                    state: JobState = "cancelled" if delta.finish_reason == "cancelled" else "done"
+                    state: JobState = "cancelled" if cancelled else "done"
                     return Outcome(state, delta.finish_reason, pub.published_tokens, first_token_s)
         except EngineError as exc:
             if pub.ended:
@@ -265,7 +287,14 @@ class JobRunner:
             finished = True
             await pub.error(exc.code, exc.message)
             return Outcome("failed", exc.code, pub.published_tokens, first_token_s)
-        except (RedisError, asyncio.CancelledError, EngineDead, StaleFence, LostWrites):
+        except (
+            RedisError,
+            asyncio.CancelledError,
+            EngineDead,
+            StaleFence,
+            LostWrites,
+            Interrupted,
+        ):
             raise
         except Exception as exc:
             if pub.ended:

@@ -122,7 +122,8 @@ async def run(name: str, load: Load, fault: Fault, *, aof: bool = False) -> Row:
 
 async def _takeover_times(c: Cluster, streams: list[Stream], row: Row) -> None:
     fault_at = getattr(row, "_fault_at", None)
-    if fault_at is None:
+    fault_wall = getattr(row, "_fault_wall", None)
+    if fault_at is None or fault_wall is None:
         return
     client = aredis.Redis.from_url(c.redis_url)
     try:
@@ -131,7 +132,14 @@ async def _takeover_times(c: Cluster, streams: list[Stream], row: Row) -> None:
             attempts = await client.hget(KEYS.job_lease(s.session_id, s.job_id), "attempts")
             if attempts is None or int(attempts) < 2:
                 continue
-            after = [t - fault_at for t in s.delta_times if t > fault_at]
+            # The first token the new attempt made (engine time after the fault), as received:
+            # deltas the old worker sent just before dying may arrive after the fault too.
+            deltas = [e for e in s.events if e.get("type") == "delta"]
+            after = [
+                got - fault_at
+                for e, got in zip(deltas, s.delta_times, strict=True)
+                if float(e.get("t", 0)) > fault_wall
+            ]
             if after:
                 seconds.append(after[0])
         row.takeovers(seconds)
@@ -142,6 +150,7 @@ async def _takeover_times(c: Cluster, streams: list[Stream], row: Row) -> None:
 
 def _mark(row: Row) -> None:
     row._fault_at = time.monotonic()  # type: ignore[attr-defined]
+    row._fault_wall = time.time()  # type: ignore[attr-defined]
 
 
 # The faults

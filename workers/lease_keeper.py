@@ -1,0 +1,143 @@
+"""Renewing this worker's leases from a thread of its own.
+
+A worker whose event loop is busy (hundreds of streams on a small CPU) can fall seconds behind;
+if its lease renewals waited on that loop, its leases would lapse while it is alive and well,
+other workers would take its jobs over, and the jobs would bounce between busy workers until
+they ran out of attempts. So a thread renews them, as long as the process lives (a killed or
+stopped process renews nothing, so takeover still comes within the TTL) and its loop is not
+stuck: the loop ticks a timestamp, and past ``stall_s`` without a tick the thread stops
+renewing and lets the jobs go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from redis.exceptions import RedisError
+
+from shared.keys import JOBS_GROUP, Keys
+from shared.logs import log
+from shared.scripts import script_source
+
+logger = logging.getLogger("tokenbus.worker.leases")
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    session_id: str
+    job_id: str
+    fence: str
+    entry_id: str
+
+
+#: Told, on the loop, of each lease that moved on: (job id, fence).
+OnLost = Callable[[str, str], None]
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        redis_url: str,
+        keys: Keys,
+        *,
+        stream: str,
+        consumer: str,
+        ttl_ms: int,
+        stall_s: float,
+        on_lost: OnLost,
+    ) -> None:
+        self._client = redis.Redis.from_url(
+            redis_url, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
+        self._script = self._client.register_script(script_source("lease"))
+        self._keys = keys
+        self._stream = stream
+        self._consumer = consumer
+        self._ttl_ms = ttl_ms
+        self._stall_s = stall_s
+        self._on_lost = on_lost
+        self._held: dict[str, Held] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._tick = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ticker = asyncio.create_task(self._tick_loop(), name="lease-keeper-tick")
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await asyncio.to_thread(self._thread.join, 10)
+        self._client.close()
+
+    def hold(self, session_id: str, job_id: str, fence: str, entry_id: str) -> None:
+        with self._lock:
+            self._held[job_id] = Held(session_id, job_id, fence, entry_id)
+
+    def drop(self, job_id: str, fence: str) -> None:
+        with self._lock:
+            held = self._held.get(job_id)
+            if held is not None and held.fence == fence:
+                del self._held[job_id]
+
+    async def _tick_loop(self) -> None:
+        while True:
+            self._tick = time.monotonic()
+            await asyncio.sleep(0.2)
+
+    def _run(self) -> None:
+        interval = self._ttl_ms / 3000.0
+        while not self._stop.wait(interval):
+            stalled = time.monotonic() - self._tick
+            if stalled > self._stall_s:
+                log(logger, "loop_stalled", logging.ERROR, seconds=round(stalled, 1))
+                continue  # the leases lapse: other workers take the jobs over
+            with self._lock:
+                held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                self._renew(held)
+            except RedisError as exc:
+                log(logger, "lease_renew_failed", logging.WARNING, error=repr(exc))
+
+    def _renew(self, held: list[Held]) -> None:
+        ttl = str(self._ttl_ms)
+        pipe = self._client.pipeline(transaction=False)
+        for h in held:
+            keys = [
+                self._keys.job_lease(h.session_id, h.job_id),
+                self._keys.job_text(h.session_id, h.job_id),
+                self._keys.job_token_ids(h.session_id, h.job_id),
+            ]
+            self._script(keys=keys, args=["renew", self._consumer, h.fence, ttl], client=pipe)
+        results = pipe.execute()
+        # Re-claiming its own entries resets their idle time, so XAUTOCLAIM's min-idle (the
+        # TTL) means "not renewed" (workers.recovery).
+        kept = [h for h, ok in zip(held, results, strict=True) if ok]
+        if kept:
+            self._client.xclaim(
+                self._stream,
+                JOBS_GROUP,
+                self._consumer,
+                0,
+                [h.entry_id for h in kept],
+                justid=True,
+            )
+        lost = [h for h, ok in zip(held, results, strict=True) if not ok]
+        for h in lost:
+            self.drop(h.job_id, h.fence)
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._on_lost, h.job_id, h.fence)
