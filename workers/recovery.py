@@ -62,5 +62,6 @@ class Recovery:
             )
         if released:
             await self.leave_pending(running.entry_id, ms_left=0)
+            w.metrics.left.labels("handed_back").inc()
         log(logger, "job_handed_back", job_id=job.id, entry_id=running.entry_id, released=released)
         return released

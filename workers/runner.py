@@ -96,6 +96,7 @@ class JobRunner:
             raise
         except StaleFence as exc:  # another worker holds the job now: it answers
             log(logger, "job_fenced", logging.WARNING, job_id=job.id, reason=str(exc))
+            w.metrics.left.labels("fenced").inc()
         except Interrupted as exc:
             log(logger, "job_interrupted", logging.WARNING, job_id=job.id, reason=str(exc))
             with contextlib.suppress(RedisError):
@@ -194,6 +195,8 @@ class JobRunner:
             # A continued answer gets no second StreamStart: the client sees one answer.
             if not progress.started:
                 await pub.start(attempt=lease.attempts - 1)
+            elif progress.tokens:
+                w.metrics.continued.inc()
             log(
                 logger,
                 "job_started",
@@ -346,6 +349,7 @@ class JobRunner:
         """
         w, running, job = self.w, self.running, self.job
         log(logger, "job_lost_writes", logging.ERROR, job_id=job.id, error=str(exc))
+        w.metrics.left.labels("lost_writes").inc()
         try:
             if running.fence is not None:
                 await w.leases.release(
