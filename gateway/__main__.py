@@ -1,4 +1,7 @@
-"""``python -m gateway``: serve the gateway with settings from the environment."""
+"""``python -m gateway``: serve the gateway with settings from the environment.
+
+SIGTERM or SIGINT drains it (gateway.serve) and it exits 0.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,7 @@ import asyncio
 import contextlib
 import logging
 
-from aiohttp import web
-
-from gateway.app import create_app
+from gateway.serve import serve
 from shared import logs
 from shared.settings import Settings
 
@@ -26,16 +27,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
     )
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=5.0,
-        # An SSE client that leaves is noticed at once, not at the next keep-alive.
-        handler_cancellation=True,
-    )
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from gateway import openai_api, sse, web_page, ws
+from gateway.drain import DRAIN, Drain, drain_aware, drain_guard, end_on_shutdown
 from gateway.errors import ApiError, json_body, validated
 from gateway.history import History
 from gateway.hub import Hub
@@ -132,12 +133,16 @@ async def forget_messages(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session_id, "messages": []})
 
 
+@drain_aware
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@drain_aware
 async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    if gw.drain.draining:  # a load balancer stops sending work here before the process ends
+        return web.json_response({"status": "draining"}, status=503)
     try:
         redis_ok = bool(await gw.redis.ping())
     except RedisError:
@@ -152,6 +157,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+@drain_aware
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; queue depths and pub/sub state are read now."""
     gw = request.app[GATEWAY]
@@ -175,7 +181,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[api_errors], client_max_size=settings.max_message_bytes)
+    app = web.Application(
+        middlewares=[drain_guard, api_errors], client_max_size=settings.max_message_bytes
+    )
+    app[DRAIN] = drain = Drain()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         keys = Keys(settings.key_prefix)
@@ -194,6 +203,7 @@ def create_app(settings: Settings) -> web.Application:
             conversations=Conversations.from_settings(redis, keys, settings),
             secret=secret,
             metrics=gateway_metrics,
+            drain=drain,
         )
         log(logger, "gateway_ready", redis=settings.redis_url, prefix=settings.key_prefix)
         yield
@@ -201,6 +211,7 @@ def create_app(settings: Settings) -> web.Application:
         await redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(end_on_shutdown)
     app.router.add_post("/v1/sessions", create_session)
     app.router.add_post("/v1/sessions/{session_id}/jobs", create_job)
     app.router.add_get("/v1/sessions/{session_id}/jobs/{job_id}", get_job)

@@ -15,6 +15,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from gateway.drain import DRAINING, draining_error
 from gateway.errors import ApiError
 from gateway.outbox import SLOW_CONSUMER
 from gateway.requests import PromptRequest
@@ -70,6 +71,8 @@ class JobRun:
 
     async def __aenter__(self) -> JobRun:
         await self._subscription.start()
+        # A draining gateway lets this answer run until its deadline, then ends it here.
+        self.gw.drain.add_answer(self._outbox)
         # Shielded: a client that leaves mid-submit still gets its job cancelled once it exists.
         submit = asyncio.ensure_future(self.gw.intake.submit(self.session_id, self._prompt))
         try:
@@ -77,10 +80,10 @@ class JobRun:
         except asyncio.CancelledError:
             submit.add_done_callback(self._cancel_submitted)
             _keep(submit)
-            self._subscription.close()
+            self._close()
             raise
         except BaseException:
-            self._subscription.close()
+            self._close()
             raise
         log(
             logger,
@@ -99,7 +102,7 @@ class JobRun:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._subscription.close()
+        self._close()
         if self.outcome is None:
             _keep(asyncio.create_task(self._cancel(self.job.id)))
         log(
@@ -124,6 +127,8 @@ class JobRun:
                 if self._outbox.closed is None:
                     return None
                 self.failure = reason = self._outbox.closed
+                if reason == DRAINING:
+                    raise draining_error()
                 raise ApiError(500, reason, _LOST.get(reason, f"answer lost: {reason}"))
             event = item.event
             if event.get("type") == "resync":  # part of the answer is gone for good
@@ -136,6 +141,10 @@ class JobRun:
             elif event["type"] in TERMINAL_TYPES:
                 self.outcome = str(event.get("finish_reason") or event.get("code"))
             return event
+
+    def _close(self) -> None:
+        self._subscription.close()
+        self.gw.drain.discard(self._outbox)
 
     def _cancel_submitted(self, submit: asyncio.Future[Job]) -> None:
         if not submit.cancelled() and submit.exception() is None:

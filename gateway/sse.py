@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from gateway.drain import DRAINING, SSE_RETRY_MS, drain_aware
 from gateway.errors import ApiError, error_event
 from gateway.outbox import SLOW_CONSUMER, Outbox
 from gateway.state import GATEWAY, bearer, format_position, parse_position
@@ -39,6 +40,17 @@ def _start_failed(task: asyncio.Task[None], outbox: Outbox, session_id: str) -> 
     outbox.close(UNAVAILABLE)
 
 
+async def _end_for_drain(response: web.StreamResponse) -> None:
+    """Send the client elsewhere: EventSource reconnects after ``retry`` with Last-Event-ID."""
+    notice = error_event(DRAINING, "gateway draining: reconnect with Last-Event-ID to resume")
+    await response.write(f"retry: {SSE_RETRY_MS}\ndata: {dump_event(notice)}\n\n".encode())
+    # On a new connection, which this gateway no longer accepts: it reaches another one.
+    response.force_close()
+
+
+# Drain-aware: a stream asked for while draining gets the same ending as an open one, since
+# EventSource gives up for good on a non-200 answer (a 503) but reconnects after a stream ends.
+@drain_aware
 async def session_events(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     session_id = request.match_info["session_id"]
@@ -57,6 +69,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     await response.write(f"retry: {RETRY_MS}\n\n".encode())
     log(logger, "sse_open", session=session_id, epoch=epoch, offset=offset)
     client.opened()
+    gw.drain.add_stream(outbox)
     # Started beside the write loop: a long replay waits for this loop to send what it queued.
     starting = asyncio.create_task(subscription.start())
     starting.add_done_callback(lambda task: _start_failed(task, outbox, session_id))
@@ -67,6 +80,9 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                 if outbox.closed is None:
                     await response.write(b": keep-alive\n\n")
                     continue
+                if outbox.closed == DRAINING:  # what was queued went out first
+                    await _end_for_drain(response)
+                    break
                 code = outbox.closed
                 message = (
                     "client too slow; reconnect with Last-Event-ID to resume"
@@ -93,6 +109,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, ConnectionError):
         pass
     finally:
+        gw.drain.discard(outbox)
         starting.cancel()
         client.closed()
         subscription.close()

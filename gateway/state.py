@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.drain import Drain
 from gateway.errors import ApiError, invalid_api_key, unauthorized
 from gateway.history import History
 from gateway.hub import Hub
@@ -32,6 +33,7 @@ class Gateway:
     conversations: Conversations
     secret: str
     metrics: GatewayMetrics
+    drain: Drain = field(default_factory=Drain)
 
     def authorize(self, session_id: str, token: str | None) -> None:
         if not tokens.verify(self.secret, session_id, token):

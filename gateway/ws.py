@@ -24,7 +24,7 @@ from gateway.requests import PromptRequest
 from gateway.state import GATEWAY, Gateway, bearer
 from gateway.subscription import SessionSubscription
 from shared.close_codes import (
-    CLOSE_GOING_AWAY,
+    CLOSE_DRAINING,
     CLOSE_SLOW_CONSUMER,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNAVAILABLE,
@@ -274,13 +274,15 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def close_all(app: web.Application) -> None:
-    """On shutdown: tell every client to go elsewhere now (1001), not at the grace period's end."""
+    """On a drain or shutdown: tell every client to go elsewhere now (CLOSE_DRAINING), not at the
+    grace period's end; each resumes from its last offset on another gateway."""
     open_sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
     sockets = list(open_sockets)
     if sockets:
         log(logger, "ws_closing_all", count=len(sockets))
+    message = b"gateway draining: reconnect and resume"
     await asyncio.gather(
-        *(ws.close(code=CLOSE_GOING_AWAY, message=b"gateway shutting down") for ws in sockets),
+        *(ws.close(code=CLOSE_DRAINING, message=message) for ws in sockets),
         return_exceptions=True,
     )
 

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from shared.close_codes import CLOSE_DRAINING
 from shared.keys import Keys
 from shared.protocol import Delta, StreamEnd, StreamStart
 from shared.scripts import SessionPublisher
@@ -371,7 +372,7 @@ async def test_slow_sse_client_gets_slow_consumer_error_then_end_of_stream(
         assert_contiguous(events[:-1])
 
 
-async def test_a_stopping_gateway_closes_its_websockets_with_going_away(
+async def test_a_stopping_gateway_closes_its_websockets_with_the_drain_code(
     settings: Settings,
 ) -> None:
     """Clients are told at once to reconnect elsewhere, not left until the grace period ends."""
@@ -385,5 +386,5 @@ async def test_a_stopping_gateway_closes_its_websockets_with_going_away(
         stopping = asyncio.create_task(gateway.__aexit__(None, None, None))
         message = await ws.receive(timeout=10)
         assert message.type is aiohttp.WSMsgType.CLOSE
-        assert ws.close_code == 1001
+        assert ws.close_code == CLOSE_DRAINING  # 1012, service restart
         await asyncio.wait_for(stopping, 30)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from redis.asyncio import Redis
 
+from shared.close_codes import CLOSE_DRAINING
 from shared.codec import text
 from shared.embedded_redis import free_port
 from shared.jobs import get_record
@@ -294,6 +295,45 @@ async def test_gateway_restart_mid_answer_resumes_without_loss_or_repeat(
             await page.goto("about:blank")
     assert reconnects >= 1
     assert "reconnecting" in statuses
+
+
+async def test_gateway_drain_mid_answer_reconnects_at_once_without_loss_or_repeat(
+    settings: Settings, redis: Redis, keys: Keys, page: Page
+) -> None:
+    """SIGTERM: the gateway closes the page's socket with 1012 and exits 0; the page reconnects
+    at once (the replacement takes the port) and resumes from its offset."""
+    from playwright.async_api import expect
+
+    n_tokens = 150
+    settings = settings.model_copy(
+        update={"synthetic_tokens_per_s": 20.0, "synthetic_tokens": n_tokens}
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    async with running_worker(settings):
+        async with gateway_on_port(settings, port) as first_gateway:
+            await open_chat(page, base)
+            answer = await send_prompt(page, "Keep going while the gateway drains.")
+            await expect(answer).to_have_attribute("data-state", "streaming")
+            await wait_longer_than(page, answer, 20)
+            first_gateway.terminate()  # SIGTERM: a graceful drain
+            assert await asyncio.to_thread(first_gateway.wait, 30) == 0
+        async with gateway_on_port(settings, port):
+            await expect(page.get_by_test_id("status")).to_have_attribute(
+                "data-status", "connected"
+            )
+            await expect(answer).to_have_attribute("data-state", "done", timeout=ANSWER_MS)
+            sid = await session_id(page)
+            job_id = await answer.get_attribute("data-job-id")
+            assert job_id
+            shown = await answer_text(answer)
+            assert shown == await published_text(redis, keys, sid, job_id)
+            assert len(shown.split()) == n_tokens  # whitespace-free words: none lost or doubled
+            codes: list[int] = await page.evaluate("() => window.tokenbusCloseCodes")
+            at_once: int = await page.evaluate("() => window.tokenbusDrainReconnects")
+            await page.goto("about:blank")
+    assert codes[0] == CLOSE_DRAINING  # told to go elsewhere, not cut off
+    assert at_once == 1  # and it went without waiting out a backoff
 
 
 async def test_reload_mid_answer_resumes_from_the_saved_offset(

@@ -13,6 +13,10 @@
   const BACKOFF_MIN_MS = 250;
   const BACKOFF_MAX_MS = 5000;
   const STABLE_MS = 3000; // a connection that lived this long resets the backoff
+  // Close codes of a gateway that stops on purpose (shared/close_codes.py): 1012 "service
+  // restart" when it drains, 1001 from older ones. Reconnect at once: the address leads to
+  // another gateway (or this one's replacement), and the offset resumes the answer there.
+  const GONE = new Set([1012, 1001]);
   const SAVE_DELAY_MS = 200;
   const BUSY = new Set(["queued", "streaming"]);
   const TERMINAL = new Set(["done", "stopped", "error"]);
@@ -50,6 +54,8 @@
   // What tests (and curious people) can read.
   window.tokenbusReconnects = 0;
   window.tokenbusStatusLog = [];
+  window.tokenbusCloseCodes = [];
+  window.tokenbusDrainReconnects = 0; // reconnects made at once, on a draining gateway's word
   window.tokenbus = {
     get sessionId() {
       return state.session ? state.session.session_id : null;
@@ -431,10 +437,18 @@
       if (gen !== wsGen) return;
       ws = null;
       connected = false;
+      window.tokenbusCloseCodes.push(event.code);
       if (openedAt && Date.now() - openedAt > STABLE_MS) backoff = BACKOFF_MIN_MS;
       openedAt = 0;
       if (event.code === 4401) {
         sessionGone();
+        return;
+      }
+      if (GONE.has(event.code)) {
+        // Sent elsewhere, not failing: no wait now; should that attempt fail, backoff resumes.
+        backoff = BACKOFF_MIN_MS;
+        window.tokenbusDrainReconnects += 1;
+        scheduleReconnect(0);
         return;
       }
       scheduleReconnect();
@@ -460,11 +474,15 @@
     updateControls();
   }
 
-  function scheduleReconnect() {
+  function scheduleReconnect(delayMs) {
     connected = false;
     window.tokenbusReconnects += 1;
     setStatus(navigator.onLine === false ? "offline" : "reconnecting");
     clearTimeout(retryTimer);
+    if (delayMs === 0) {
+      retryTimer = setTimeout(connect, 0);
+      return;
+    }
     retryTimer = setTimeout(connect, backoff);
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
   }
