@@ -26,7 +26,7 @@ from shared.keys import Keys
 from shared.logs import log
 from shared.protocol import new_id
 from shared.redis_client import connect
-from shared.settings import Settings
+from shared.settings import Settings, redact_url
 from shared.tokens import shared_secret
 
 logger = logging.getLogger("tokenbus.gateway")
@@ -190,7 +190,8 @@ def create_app(settings: Settings) -> web.Application:
         keys = Keys(settings.key_prefix)
         redis = connect(settings)
         gateway_metrics = GatewayMetrics()
-        hub = Hub(connect(settings), on_live=gateway_metrics.observe_live)
+        # No retries on the hub's client: it must see each lost connection to recover from it.
+        hub = Hub(connect(settings, retries=0), on_live=gateway_metrics.observe_live)
         await hub.start()
         secret = await shared_secret(redis, keys, settings.secret)
         app[GATEWAY] = Gateway(
@@ -205,7 +206,12 @@ def create_app(settings: Settings) -> web.Application:
             metrics=gateway_metrics,
             drain=drain,
         )
-        log(logger, "gateway_ready", redis=settings.redis_url, prefix=settings.key_prefix)
+        log(
+            logger,
+            "gateway_ready",
+            redis=redact_url(settings.redis_url),
+            prefix=settings.key_prefix,
+        )
         yield
         await hub.close()
         await redis.aclose()

@@ -5,6 +5,12 @@ to leave unsubscribes it. ``attach`` returns only once Redis has confirmed the s
 subscriber that reads history afterwards cannot miss an event published in between. After a
 lost connection every channel is subscribed again and its subscribers told to catch up from
 history, since anything published meanwhile never reached us.
+
+Every map here holds only channels someone follows now (``_unacked`` only SUBSCRIBEs still
+awaiting Redis's confirmation): a gateway that serves millions of short sessions keeps no trace
+of the ones that ended. The hub's Redis client must not retry on its own (redis-py would
+reconnect and resubscribe under us, hiding the loss); a confirmation nobody asked for is taken
+as such a hidden reconnect all the same.
 """
 
 from __future__ import annotations
@@ -40,15 +46,21 @@ class Subscriber(Protocol):
 
 
 class Hub:
-    def __init__(self, redis: Redis, *, on_live: LiveHook | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        on_live: LiveHook | None = None,
+        subscribe_timeout_s: float = SUBSCRIBE_TIMEOUT_S,
+    ) -> None:
         self._redis = redis
         self._on_live = on_live
+        self._subscribe_timeout_s = subscribe_timeout_s
         self._pubsub: PubSub | None = None
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._ready: dict[str, asyncio.Future[None]] = {}
-        self._unacked: dict[
-            str, int
-        ] = {}  # SUBSCRIBE commands sent, per channel, not yet confirmed
+        #: SUBSCRIBE commands sent, per channel, not yet confirmed (no entry: none pending).
+        self._unacked: dict[str, int] = {}
         self._recovering: set[str] = set()
         self._reader: asyncio.Task[None] | None = None
         self.connected = False
@@ -61,6 +73,15 @@ class Hub:
     @property
     def channels(self) -> int:
         return len(self._subscribers)
+
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the per-channel maps (all 0 once every follower left and Redis confirmed)."""
+        return {
+            "subscribers": len(self._subscribers),
+            "ready": len(self._ready),
+            "unacked": len(self._unacked),
+            "recovering": len(self._recovering),
+        }
 
     async def start(self) -> None:
         await self._connect()
@@ -79,16 +100,29 @@ class Hub:
                 fut.cancel()
 
     async def attach(self, channel: str, subscriber: Subscriber) -> None:
-        """Add ``subscriber`` to ``channel``; returns once the channel is subscribed."""
+        """Add ``subscriber`` to ``channel``; returns once the channel is subscribed.
+
+        Raises a redis ConnectionError at once while the pub/sub connection is down (the
+        caller answers 503 or closes with "unavailable", and the client retries), and a redis
+        TimeoutError when Redis does not confirm in time; either way nothing is left behind.
+        """
+        if not self.connected:
+            raise RedisConnectionError("the gateway's pub/sub connection to Redis is down")
         subs = self._subscribers.get(channel)
+        first = subs is None
         if subs is None:
             subs = self._subscribers[channel] = set()
             self._ready[channel] = asyncio.get_running_loop().create_future()
-            await self._send_subscribe(channel)
+        # Added before the SUBSCRIBE goes out, so a failure below always finds it to remove.
         subs.add(subscriber)
         ready = self._ready[channel]
         try:
-            await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT_S)
+            if first:
+                await self._send_subscribe(channel)
+            await asyncio.wait_for(asyncio.shield(ready), self._subscribe_timeout_s)
+        except TimeoutError as exc:
+            self.detach(channel, subscriber)
+            raise RedisTimeoutError(f"Redis did not confirm SUBSCRIBE {channel}") from exc
         except BaseException:
             self.detach(channel, subscriber)
             raise
@@ -114,9 +148,24 @@ class Hub:
 
     async def _send_subscribe(self, channel: str) -> None:
         self._unacked[channel] = self._unacked.get(channel, 0) + 1
-        if self._pubsub is not None and self.connected:
+        if self._pubsub is None or not self.connected:
+            return  # the reader subscribes every channel when it reconnects
+        try:
             await self._pubsub.subscribe(channel)
-        # Not connected: the reader subscribes every channel when it reconnects.
+        except BaseException:
+            # Not sent, or sent on a connection now lost (the reconnect starts the count anew):
+            # no confirmation is coming for it.
+            self._ack(channel)
+            raise
+
+    def _ack(self, channel: str) -> int:
+        """Count one confirmation of ``channel``; returns how many are still pending."""
+        left = self._unacked.get(channel, 0) - 1
+        if left > 0:
+            self._unacked[channel] = left
+        else:
+            self._unacked.pop(channel, None)
+        return max(left, 0)
 
     async def _connect(self) -> None:
         self._pubsub = self._redis.pubsub()
@@ -189,9 +238,13 @@ class Hub:
             for sub in tuple(subs):
                 sub.on_event(event, raw)
         elif kind == "subscribe":
-            left = self._unacked.get(channel, 1) - 1
-            self._unacked[channel] = left
-            if left > 0:
+            if channel not in self._unacked:
+                # We sent no SUBSCRIBE for it: redis-py reconnected and resubscribed by itself,
+                # so whatever was published meanwhile never reached us.
+                if self._subscribers.get(channel):
+                    log(logger, "pubsub_resubscribed_under_us", logging.WARNING, channel=channel)
+                    self._recovering.add(channel)
+            elif self._ack(channel) > 0:
                 return
             ready = self._ready.get(channel)
             if ready is not None and not ready.done():

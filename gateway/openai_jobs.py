@@ -21,6 +21,7 @@ from gateway.outbox import SLOW_CONSUMER
 from gateway.requests import PromptRequest
 from gateway.state import Gateway
 from shared.jobs import request_cancel
+from shared.keys import META_TTL_FIELD
 from shared.logs import log
 from shared.protocol import TERMINAL_TYPES, EventDict, Job, new_id
 
@@ -74,7 +75,7 @@ class JobRun:
         # A draining gateway lets this answer run until its deadline, then ends it here.
         self.gw.drain.add_answer(self._outbox)
         # Shielded: a client that leaves mid-submit still gets its job cancelled once it exists.
-        submit = asyncio.ensure_future(self.gw.intake.submit(self.session_id, self._prompt))
+        submit = asyncio.ensure_future(self._submit())
         try:
             self._job = await asyncio.shield(submit)
         except asyncio.CancelledError:
@@ -145,6 +146,18 @@ class JobRun:
     def _close(self) -> None:
         self._subscription.close()
         self.gw.drain.discard(self._outbox)
+
+    async def _submit(self) -> Job:
+        # Nobody can resume this session (no client is ever given its token), so it
+        # lives openai_history_ttl_s, not history_ttl_s: publish.lua gives its history and
+        # answer text the TTL found in the meta hash.
+        ttl = self.gw.settings.openai_history_ttl_s
+        meta = self.gw.keys.session_meta(self.session_id)
+        async with self.gw.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta, META_TTL_FIELD, ttl)
+            pipe.expire(meta, ttl)
+            await pipe.execute()
+        return await self.gw.intake.submit(self.session_id, self._prompt)
 
     def _cancel_submitted(self, submit: asyncio.Future[Job]) -> None:
         if not submit.cancelled() and submit.exception() is None:

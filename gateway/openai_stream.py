@@ -14,7 +14,9 @@ from aiohttp import web
 from gateway.errors import ApiError, job_error
 from gateway.openai_format import DONE, KEEPALIVE, JsonObject, Reply, frame, usage_of
 from gateway.openai_jobs import JobRun
+from gateway.outbox import STALLED, ClientStalled, write_within
 from gateway.sse import HEADERS
+from gateway.state import GATEWAY
 
 
 class _HeldStream:
@@ -23,6 +25,7 @@ class _HeldStream:
     def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
         self.request = request
         self.response = web.StreamResponse(headers={**HEADERS, **headers})
+        self.stall_s = request.app[GATEWAY].settings.client_stall_s
         self._held: list[bytes] = []
 
     @property
@@ -36,7 +39,7 @@ class _HeldStream:
         if not self.committed:
             await self.response.prepare(self.request)
         data, self._held = b"".join((*self._held, *frames)), []
-        await self.response.write(data)
+        await write_within(self.response.write(data), self.stall_s, self.request.transport)
 
 
 async def stream(request: web.Request, run: JobRun, reply: Reply) -> web.StreamResponse:
@@ -48,6 +51,8 @@ async def stream(request: web.Request, run: JobRun, reply: Reply) -> web.StreamR
             if not out.committed:
                 return exc.response(run.headers())
             await out.send(frame(exc.body()), DONE)
+    except ClientStalled:  # it stopped reading: cut off, and the job cancelled on the way out
+        run.failure = STALLED
     except ConnectionError:  # the client left: the job is cancelled on the way out
         run.failure = "disconnected"
     return out.response

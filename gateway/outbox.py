@@ -3,19 +3,24 @@
 Deltas of one job that pile up behind a slow client merge into one: the client still gets
 every character, under the later offset, and ``from_offset`` says where the merged run began.
 Past its limits the queue closes and the connection is dropped with a code telling the client
-to resume: it never holds up anyone else.
+to resume: it never holds up anyone else. A client that stops reading altogether blocks the
+write to it instead; ``write_within`` bounds that wait, so such a client is dropped on the
+gateway's clock, not when (if ever) it reads again.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from shared.codec import dump_event
 from shared.protocol import EventDict
 
 SLOW_CONSUMER = "slow_consumer"
+#: Why a connection was cut: a write to it waited longer than the stall limit.
+STALLED = "stalled"
 _OVERHEAD = 96  # rough bytes of JSON around a delta's text
 
 
@@ -134,3 +139,25 @@ class Outbox:
         if taken:
             self._taken.set()
         return taken
+
+
+class ClientStalled(ConnectionError):
+    """A write to a client did not complete in time: it stopped reading."""
+
+
+async def write_within(
+    write: Awaitable[object], stall_s: float, transport: asyncio.Transport | None
+) -> None:
+    """``await write``, but cut the connection if it takes over ``stall_s`` seconds.
+
+    A write waits only when the kernel's and the transport's buffers are full, which a reading
+    client empties within moments: one that waits this long has stopped reading. The transport
+    is aborted rather than closed, since closing waits to flush what the client never reads.
+    Raises ClientStalled then.
+    """
+    try:
+        await asyncio.wait_for(write, stall_s)
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+        raise ClientStalled(f"no write completed in {stall_s} s") from None

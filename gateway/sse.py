@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.drain import DRAINING, SSE_RETRY_MS, drain_aware
 from gateway.errors import ApiError, error_event
-from gateway.outbox import SLOW_CONSUMER, Outbox
+from gateway.outbox import SLOW_CONSUMER, STALLED, ClientStalled, Outbox, write_within
 from gateway.state import GATEWAY, bearer, format_position, parse_position
 from gateway.subscription import UNAVAILABLE
 from shared.codec import dump_event
@@ -70,6 +70,12 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     log(logger, "sse_open", session=session_id, epoch=epoch, offset=offset)
     client.opened()
     gw.drain.add_stream(outbox)
+    stall_s = gw.settings.client_stall_s
+
+    async def send(data: bytes) -> None:
+        # Bounded: a client that stopped reading is cut on our clock, not when it reads again.
+        await write_within(response.write(data), stall_s, request.transport)
+
     # Started beside the write loop: a long replay waits for this loop to send what it queued.
     starting = asyncio.create_task(subscription.start())
     starting.add_done_callback(lambda task: _start_failed(task, outbox, session_id))
@@ -78,7 +84,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
             item = await outbox.get(wait_s=gw.settings.keepalive_s)
             if item is None:
                 if outbox.closed is None:
-                    await response.write(b": keep-alive\n\n")
+                    await send(b": keep-alive\n\n")
                     continue
                 if outbox.closed == DRAINING:  # what was queued went out first
                     await _end_for_drain(response)
@@ -90,7 +96,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                     else "session history unavailable; reconnect to resume"
                 )
                 data = dump_event(error_event(code, message))
-                await response.write(f"data: {data}\n\n".encode())
+                await send(f"data: {data}\n\n".encode())
                 log(logger, "sse_dropped", logging.WARNING, session=session_id, reason=code)
                 if code == SLOW_CONSUMER:
                     client.dropped_slow()
@@ -104,8 +110,11 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                     chunks.append(f"id: {position}\ndata: {out.text()}\n\n")
                 else:
                     chunks.append(f"data: {out.text()}\n\n")
-            await response.write("".join(chunks).encode())
+            await send("".join(chunks).encode())
             client.written(out.event for out in batch)
+    except ClientStalled:  # its transport is cut already
+        log(logger, "sse_dropped", logging.WARNING, session=session_id, reason=STALLED)
+        client.dropped_slow()
     except (ConnectionResetError, ConnectionError):
         pass
     finally:

@@ -4,14 +4,23 @@ Centrifugo's recipe: subscribe first and buffer live events, read history from t
 position, deliver it, then drain the buffer skipping what history already gave, then go live.
 A live event that is not the next offset means something was missed (a dropped pub/sub
 connection): buffer again and catch up from history.
+
+Catch-up is single-flight: one task at a time owns it (the first one included), and a reason
+to catch up that comes while it runs (a resubscribe, a gap) makes that same task go round once
+more instead of starting a second reader of history that could deliver an event twice. Redis
+errors that pass with time (a restart, an AOF load) are retried while live events buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.history import History, Snapshot
 from gateway.hub import Hub
@@ -23,6 +32,11 @@ from shared.protocol import EventDict
 logger = logging.getLogger("tokenbus.gateway.subscription")
 
 UNAVAILABLE = "history_unavailable"
+#: How long a catch-up keeps retrying history reads through a Redis outage before it gives up
+#: and the client is told to reconnect (its buffer of live events may overflow first).
+CATCH_UP_RETRY_S = 60.0
+#: Redis errors that end by themselves (BusyLoadingError, "LOADING", is a ConnectionError).
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 Listener = Callable[[EventDict], None]
 #: Told the reason of each resync sent (metrics).
 ResyncHook = Callable[[str], None]
@@ -30,6 +44,12 @@ ResyncHook = Callable[[str], None]
 
 def _first_offset(snap: Snapshot) -> int:
     return int(snap.events[0][0]["offset"]) if snap.events else snap.offset + 1
+
+
+class Phase(enum.Enum):
+    CATCHING_UP = "catching_up"  # live events buffer while history is read
+    LIVE = "live"  # live events are delivered as they come
+    CLOSED = "closed"
 
 
 class SessionSubscription:
@@ -57,13 +77,26 @@ class SessionSubscription:
         self._on_resync = on_resync
         self._buffer: list[tuple[EventDict, str]] | None = []  # not None while catching up
         self._again = False
+        #: The one task that catches up, while it runs (the first catch-up's too).
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.catch_ups = 0  # catch-up tasks started (one per run of reasons, never concurrent)
+
+    @property
+    def phase(self) -> Phase:
+        if self._closed:
+            return Phase.CLOSED
+        return Phase.LIVE if self._buffer is None else Phase.CATCHING_UP
 
     async def start(self) -> None:
+        """Subscribe, then deliver history from the position; raises if either fails."""
         await self._hub.attach(self.channel, self)
         try:
-            await self._catch_up()
+            # The first catch-up runs in the task every later reason joins (see _start_catch_up);
+            # its errors reach the caller, which closes the connection.
+            self._task = asyncio.create_task(self._catch_up())
+            self.catch_ups += 1
+            await self._task
         except BaseException:
             self.close()
             raise
@@ -136,18 +169,43 @@ class SessionSubscription:
         if self._buffer is None:
             self._buffer = []
         if self._task is not None and not self._task.done():
+            # Refused: the running catch-up reads history once more before it goes live.
             self._again = True
             return
         self._task = asyncio.create_task(self._catch_up_guarded())
+        self.catch_ups += 1
 
     async def _catch_up_guarded(self) -> None:
-        try:
-            await self._catch_up()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log(logger, "catch_up_failed", logging.WARNING, session=self.session_id, error=str(exc))
-            self._outbox.close(UNAVAILABLE)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + CATCH_UP_RETRY_S
+        backoff = 0.05
+        while True:
+            try:
+                await self._catch_up()
+                return
+            except asyncio.CancelledError:
+                raise
+            except _TRANSIENT as exc:
+                if loop.time() + backoff > give_up_at or self._outbox.closed is not None:
+                    self._give_up(exc)
+                    return
+                log(
+                    logger,
+                    "catch_up_retry",
+                    logging.WARNING,
+                    session=self.session_id,
+                    error=str(exc),
+                    retry_in_s=backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception as exc:
+                self._give_up(exc)
+                return
+
+    def _give_up(self, exc: Exception) -> None:
+        log(logger, "catch_up_failed", logging.WARNING, session=self.session_id, error=str(exc))
+        self._outbox.close(UNAVAILABLE)
 
     async def _catch_up(self) -> None:
         while True:

@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 
 from gateway.errors import ApiError, error_event, validated
-from gateway.outbox import SLOW_CONSUMER
+from gateway.outbox import SLOW_CONSUMER, STALLED, ClientStalled, write_within
 from gateway.requests import PromptRequest
 from gateway.state import GATEWAY, Gateway, bearer
 from gateway.subscription import SessionSubscription
@@ -79,7 +80,13 @@ class Connection:
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
-                    await self._on_text(msg.data)
+                    try:
+                        await self._on_text(msg.data)
+                    except RedisError as exc:  # an outage fails this message, not the socket
+                        log(logger, "ws_redis_error", logging.WARNING, error=str(exc))
+                        self.send(
+                            error_event("redis_unavailable", "the broker is unreachable; retry")
+                        )
                 elif msg.type == WSMsgType.BINARY:
                     self.send(
                         error_event("bad_frame", "binary frames are not accepted; send JSON text")
@@ -212,19 +219,39 @@ class Connection:
             self.jobs.pop(str(event.get("job_id")), None)
 
     async def _write_loop(self) -> None:
+        stall_s = self.gw.settings.client_stall_s
         while True:
             item = await self.outbox.get()
             if item is None:
                 break
-            await self.ws.send_str(item.text())
+            try:
+                await write_within(self.ws.send_str(item.text()), stall_s, None)
+            except ClientStalled:
+                await self._drop(STALLED)
+                return
             self.metrics.written((item.event,))
         reason = self.outbox.closed
         if reason == SLOW_CONSUMER:
-            self.metrics.dropped_slow()
-            log(logger, "ws_dropped", logging.WARNING, session=self.session_id, reason=reason)
-            await self._close(CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last offset")
+            await self._drop(reason)
         elif reason is not None and reason != "closing":
             await self._close(CLOSE_UNAVAILABLE, reason)
+
+    async def _drop(self, reason: str) -> None:
+        """Drop a client too slow to keep: 4008 (resume from your offset) if the close frame
+        can still get through to it, else cut the connection."""
+        self.metrics.dropped_slow()
+        log(logger, "ws_dropped", logging.WARNING, session=self.session_id, reason=reason)
+        self.state = State.CLOSED
+        transport = self.request.transport
+        if reason == STALLED:
+            # Its buffers are full: a close frame would only wait behind them.
+            if transport is not None:
+                transport.abort()
+            return
+        message = b"slow consumer: resume from your last offset"
+        close = self.ws.close(code=CLOSE_SLOW_CONSUMER, message=message)
+        with contextlib.suppress(ClientStalled):
+            await write_within(close, self.gw.settings.client_stall_s, transport)
 
     async def _close(self, code: int, message: str) -> None:
         self.state = State.CLOSED
