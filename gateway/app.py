@@ -11,9 +11,9 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from gateway import openai_api, sse, web_page, ws
+from gateway import openai_api, openapi, sse, web_page, ws
 from gateway.drain import DRAIN, Drain, drain_aware, drain_guard, end_on_shutdown
-from gateway.errors import ApiError, json_body, validated
+from gateway.errors import ApiError, json_body, undecodable_bodies, validated
 from gateway.history import History
 from gateway.hub import Hub
 from gateway.intake import IDEMPOTENCY_HEADER, REPLAYED_HEADER, Intake
@@ -182,7 +182,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[drain_guard, api_errors], client_max_size=settings.max_message_bytes
+        middlewares=[undecodable_bodies, drain_guard, api_errors],
+        client_max_size=settings.max_message_bytes,
     )
     app[DRAIN] = drain = Drain()
 
@@ -230,5 +231,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     openai_api.add_routes(app)
+    openapi.add_routes(app)
     web_page.add_routes(app)
     return app

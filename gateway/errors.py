@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
+
+from shared.codec import BadJson, parse_json, utf8_safe
 
 _TYPES = {
     400: "invalid_request_error",
@@ -43,12 +46,24 @@ def error_event(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        # Messages quote what the client sent; they must stay writable as UTF-8 (a WS frame).
+        message = utf8_safe(message)
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
-        self.param = param
+        self.param = utf8_safe(param) if param is not None else None
+        #: Close the connection after answering: the rest of the request cannot be read.
+        self.close = close
 
     def event(self) -> dict[str, Any]:
         return error_event(self.code, self.message)
@@ -65,7 +80,10 @@ class ApiError(Exception):
         }
 
     def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=headers)
+        response = web.json_response(self.body(), status=self.status, headers=headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 async def json_body(request: web.Request) -> object:
@@ -73,13 +91,51 @@ async def json_body(request: web.Request) -> object:
     if not request.can_read_body:
         return {}
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
+        raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:  # aiohttp's own error is plain text
         raise ApiError(
             413, "request_too_large", f"body is over {request.client_max_size} bytes"
         ) from exc
+    except RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on a body that is not
+        # Nothing more can be read from this request: end it here, so aiohttp does not try to
+        # drain it (and log the same error again), and close the connection after the answer.
+        request.content.feed_eof()
+        encoding = request.headers.get("Content-Encoding", "")
+        raise ApiError(
+            400,
+            "bad_encoding",
+            f"body could not be decoded as Content-Encoding {encoding!r}",
+            close=True,
+        ) from exc
+    charset = request.charset or "utf-8"
+    try:
+        body = raw.decode(charset)
+    except LookupError as exc:  # no such codec, or one that is not a text encoding
+        raise ApiError(400, "bad_encoding", f"unknown charset {charset!r}: send UTF-8") from exc
+    except ValueError as exc:  # UnicodeDecodeError, and codecs that refuse input their own way
+        raise ApiError(400, "bad_encoding", f"body is not valid {charset!r} text: {exc}") from exc
+    try:
+        return parse_json(body)
+    except BadJson as exc:
+        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
+
+
+@web.middleware
+async def undecodable_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read what a handler left unread of a body with a Content-Encoding, before answering.
+
+    Otherwise aiohttp drains it after the answer and, when it turns out not to decode (``gzip``
+    on a body that is not), logs the client's mistake as an unhandled server error. Bodies
+    without an encoding cannot fail that way and are left to aiohttp.
+    """
+    response = await handler(request)
+    if request.headers.get("Content-Encoding") and not request.content.is_eof():
+        try:
+            await request.read()
+        except (RequestPayloadError, web.HTTPRequestEntityTooLarge):
+            request.content.feed_eof()
+            response.force_close()
+    return response
 
 
 Body = TypeVar("Body", bound=BaseModel)

@@ -16,6 +16,7 @@ from shared.protocol import (
     Seed,
     Stops,
     Temperature,
+    Text,
     TopP,
 )
 
@@ -23,12 +24,13 @@ from shared.protocol import (
 class PromptRequest(BaseModel):
     """Body of ``POST /v1/sessions/{id}/jobs`` and of a WebSocket ``prompt`` message."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN/infinity: a timeout_s of inf would make a job that never expires.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["prompt"] | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
-    model: str | None = Field(None, max_length=256)
+    model: Text | None = Field(None, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     temperature: Temperature = 1.0
     top_p: TopP = 1.0

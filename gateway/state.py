@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -19,6 +18,7 @@ from gateway.subscription import Listener, SessionSubscription
 from shared import tokens
 from shared.conversation import Conversations
 from shared.keys import Keys
+from shared.protocol import MAX_OFFSET
 from shared.settings import Settings
 
 
@@ -45,7 +45,7 @@ class Gateway:
         if not allowed:
             return
         # Compare with every key in constant time: how far a guess matched stays hidden.
-        if not key or not any(hmac.compare_digest(key.encode(), k.encode()) for k in allowed):
+        if not any(tokens.same_secret(k, key) for k in allowed):
             raise invalid_api_key()
 
     def token(self, session_id: str) -> str:
@@ -93,8 +93,11 @@ def bearer(request: web.Request) -> str | None:
 def parse_position(value: str) -> tuple[str | None, int]:
     """``"<epoch>:<offset>"`` or a bare ``"<offset>"`` (any epoch)."""
     epoch, _, offset = value.strip().rpartition(":")
-    if not offset.isdigit():
-        raise ApiError(400, "bad_position", f"not a stream position: {value!r}")
+    # isdigit() alone passes "²" and other digits int() refuses.
+    if not (offset.isascii() and offset.isdigit() and len(offset) <= 20) or (
+        int(offset) > MAX_OFFSET
+    ):
+        raise ApiError(400, "bad_position", f"not a stream position: {value[:64]!r}")
     return (epoch or None), int(offset)
 
 

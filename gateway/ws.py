@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import weakref
 from typing import Any
@@ -30,9 +29,10 @@ from shared.close_codes import (
     CLOSE_UNAUTHORIZED,
     CLOSE_UNAVAILABLE,
 )
+from shared.codec import BadJson, parse_json
 from shared.jobs import get_record, request_cancel
 from shared.logs import log
-from shared.protocol import TERMINAL_TYPES, EventDict
+from shared.protocol import MAX_OFFSET, TERMINAL_TYPES, EventDict, Text
 
 logger = logging.getLogger("tokenbus.gateway.ws")
 
@@ -46,17 +46,18 @@ class State(enum.Enum):
 class ConnectMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    # Any text: one no token was signed for gets 4401, as a wrong token does.
     session_id: str | None = Field(None, min_length=1, max_length=128)
     token: str | None = None
-    offset: int = Field(0, ge=0, description="Last offset the client saw.")
-    epoch: str | None = None
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="Last offset the client saw.")
+    epoch: Text | None = Field(None, max_length=128)
 
 
 class CancelMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: str
-    job_id: str | None = None
+    job_id: Text | None = Field(None, max_length=128)
 
 
 class Connection:
@@ -100,9 +101,9 @@ class Connection:
 
     async def _on_text(self, data: str) -> None:
         try:
-            message = json.loads(data)
-        except json.JSONDecodeError as exc:
-            self.send(error_event("bad_json", f"message is not JSON: {exc.msg}"))
+            message = parse_json(data)
+        except BadJson as exc:
+            self.send(error_event("bad_json", f"message is not JSON: {exc}"))
             return
         if not isinstance(message, dict):
             self.send(error_event("bad_message", "message must be a JSON object"))

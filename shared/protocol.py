@@ -10,9 +10,11 @@ import secrets
 import time
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 JOB_SCHEMA_VERSION: Literal[1] = 1
+#: Largest offset a client may name: offsets are the first half of Redis stream ids (64 bits).
+MAX_OFFSET = 2**63 - 1
 
 Role: TypeAlias = Literal["system", "user", "assistant", "tool"]
 DisconnectPolicy: TypeAlias = Literal["cancel", "continue"]
@@ -24,13 +26,39 @@ def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_urlsafe(16)
 
 
+def has_lone_surrogate(value: str) -> bool:
+    """True when ``value`` holds a UTF-16 surrogate on its own (JSON's ``"\\ud800"``).
+
+    Python strings can hold one, but no UTF-8 can: Redis, the tokenizer and every client would
+    fail on it later, far from the field that carried it.
+    """
+    if value.isascii():
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _encodable(value: str) -> str:
+    if has_lone_surrogate(value):
+        raise ValueError("text holds a lone UTF-16 surrogate (such as \\ud800); send valid Unicode")
+    return value
+
+
+#: A string that can be encoded as UTF-8: every text field of the protocol and of requests.
+Text: TypeAlias = Annotated[str, AfterValidator(_encodable)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity have no JSON form and compare false with every bound: refused at the door.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ChatMessage(_Model):
     role: Role
-    content: str
+    content: Text
 
 
 # Sampling fields' bounds, shared by the job and every request body that carries them.
@@ -39,7 +67,7 @@ TopP: TypeAlias = Annotated[float, Field(gt=0.0, le=1.0)]
 # What torch's generators accept: a seed outside it would fail inside the engine.
 Seed: TypeAlias = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 Penalty: TypeAlias = Annotated[float, Field(ge=-2.0, le=2.0)]
-StopString: TypeAlias = Annotated[str, Field(min_length=1, max_length=1024)]
+StopString: TypeAlias = Annotated[Text, Field(min_length=1, max_length=1024)]
 Stops: TypeAlias = Annotated[list[StopString], Field(max_length=16)]
 
 
@@ -56,10 +84,10 @@ class Job(_Model):
     """A prompt job, as written to a model's jobs stream (JSON or msgpack)."""
 
     v: Literal[1] = JOB_SCHEMA_VERSION
-    id: str = Field(default_factory=lambda: new_id("job_"), min_length=1, max_length=128)
+    id: Text = Field(default_factory=lambda: new_id("job_"), min_length=1, max_length=128)
     session_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_\-.:]+$")
-    model: str | None = Field(None, max_length=256)
-    prompt: str | None = None
+    model: Text | None = Field(None, max_length=256)
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     max_tokens: int | None = Field(None, ge=1)

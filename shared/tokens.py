@@ -18,8 +18,28 @@ def sign(secret: str, session_id: str) -> str:
     return "v1." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
+def same_secret(expected: str, given: str | None) -> bool:
+    """Whether ``given`` is ``expected``, compared in constant time.
+
+    Compared as UTF-8 bytes: ``hmac.compare_digest`` refuses non-ASCII str, and a value a client
+    sent may be any text (a header byte aiohttp kept as a surrogate, a JSON ``"\\ud800"``).
+    Text that is not even UTF-8 matches nothing.
+    """
+    if not given:
+        return False
+    try:
+        given_bytes = given.encode()
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(expected.encode(), given_bytes)
+
+
 def verify(secret: str, session_id: str, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(sign(secret, session_id), token or "")
+    try:
+        expected = sign(secret, session_id)
+    except UnicodeEncodeError:  # a session id no token was ever signed for
+        return False
+    return same_secret(expected, token)
 
 
 async def shared_secret(redis: Redis, keys: Keys, configured: str) -> str:
