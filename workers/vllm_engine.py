@@ -232,6 +232,17 @@ class VllmEngine:
             answered = []
         return self.render(job, history), answered, held
 
+    def _mid_character(self, ids: Sequence[int]) -> bool:
+        """Whether ``ids`` end inside a character (bytes of it still to come).
+
+        vLLM primes its detokenizer with the whole prompt; when that prompt (prompt + published
+        ids) ends inside a character, the first text it emits for the continuation is the whole
+        prompt's text. So ids are published only up to whole characters. A character is at most
+        4 bytes and a token at least 1: the last 4 tokens tell.
+        """
+        tail = str(self._tokenizer.decode(list(ids[-4:]), skip_special_tokens=True))
+        return tail.endswith("\ufffd")
+
     def sampling_params(self, job: Job, room: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -275,6 +286,14 @@ class VllmEngine:
         prompt, answered, held = await asyncio.to_thread(
             self._render_with, job, prefix, prefix_ids, history
         )
+        if prefix_ids and self._mid_character(answered):
+            # Not written by this engine (it publishes whole characters only), and vLLM would
+            # answer it with the prompt's text: fail clearly rather than corrupt the answer.
+            raise EngineError(
+                "not_resumable",
+                "the published answer ends inside a character and cannot be continued; "
+                "send it again",
+            )
         full = prompt + answered
         prompt_len = len(prompt)
         done = len(answered)  # answer tokens an earlier attempt published
@@ -296,6 +315,9 @@ class VllmEngine:
         request_id = f"{job.id}-{uuid.uuid4().hex[:8]}"
         self._requests[job.id] = request_id
         completion = done
+        # Tokens whose text is not out yet (part of a character): they go out with the text
+        # that completes them, so published ids never end inside a character (see _mid_character).
+        pending_text, pending_ids = "", tuple[int, ...]()
         try:
             from vllm.exceptions import VLLMClientError
             from vllm.v1.engine.exceptions import EngineDeadError
@@ -303,12 +325,17 @@ class VllmEngine:
             try:
                 async for out in llm.generate({"prompt_token_ids": full}, params, request_id):
                     output = out.outputs[0]
-                    n = len(output.token_ids)
-                    completion += n
-                    ids = tuple(output.token_ids)
+                    completion += len(output.token_ids)
+                    text = pending_text + output.text
+                    ids = pending_ids + tuple(output.token_ids)
+                    n = len(ids)
                     if not out.finished:
-                        if output.text or n:
-                            yield EngineDelta(output.text, n, time.time(), token_ids=ids)
+                        if ids and self._mid_character(ids):
+                            pending_text, pending_ids = text, ids
+                            continue
+                        pending_text, pending_ids = "", ()
+                        if text or n:
+                            yield EngineDelta(text, n, time.time(), token_ids=ids)
                         continue
                     reason = _FINISH.get(str(output.finish_reason))
                     if reason is None:
@@ -317,7 +344,7 @@ class VllmEngine:
                             f"vLLM ended the request with {output.finish_reason!r}: try again",
                         )
                     usage = _usage(prompt_len, completion)
-                    yield EngineDelta(output.text, n, time.time(), reason, usage, token_ids=ids)
+                    yield EngineDelta(text, n, time.time(), reason, usage, token_ids=ids)
                     return
             except VLLMClientError as exc:
                 raise EngineError("invalid_request", str(exc)) from exc
