@@ -9,7 +9,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -26,7 +26,7 @@ from shared.client import (
     _SseLink,
 )
 from shared.embedded_redis import free_port
-from shared.keys import Keys
+from shared.keys import HISTORY_FIELD, Keys
 from shared.protocol import ChatMessage, Job, SamplingParams
 from shared.settings import Settings
 from tests.servers import running_worker, settings_env, stack, wait_ready
@@ -157,6 +157,8 @@ async def test_events_yields_every_session_event_once_in_order(
 async def test_bad_client_arguments_are_refused_before_any_request() -> None:
     with pytest.raises(ValueError, match="transport must be 'ws' or 'sse'"):
         Client("http://127.0.0.1:1", transport="udp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="submit_retries must be 0 or more"):
+        Client("http://127.0.0.1:1", submit_retries=-1)
     # Port 1: nothing listens, so a request sent by mistake would fail differently.
     async with Client("http://127.0.0.1:1") as client:
         with pytest.raises(TypeError, match="needs both session_id and token"):
@@ -568,3 +570,167 @@ async def test_a_backlog_larger_than_the_client_queue_is_resumed(
             if event["offset"] == last[1]:
                 break
         assert [e["offset"] for e in replayed] == list(range(1, last[1] + 1))
+
+
+# Idempotent submissions: a job POST whose reply is lost is sent again with the same key.
+
+
+#: Request headers not to forward (hop-by-hop, or set by the proxy's own client).
+_HOP = {"host", "connection", "upgrade", "keep-alive", "transfer-encoding", "content-length"}
+
+
+class LosingProxy:
+    """A transparent proxy to one gateway (HTTP, SSE streamed, WebSocket) that loses the
+    replies of job POSTs: the first ``lose`` of them are forwarded and their reply read in full
+    (the gateway handled them), then the client's connection is cut without an answer.
+    """
+
+    def __init__(self, target: str, http: aiohttp.ClientSession, lose: int = 1) -> None:
+        self.target = target
+        self.http = http
+        self.lose = lose
+        #: (status, reply) of every job POST the gateway answered, and the key each carried.
+        self.job_posts: list[tuple[int, dict[str, Any]]] = []
+        self.keys: list[str | None] = []
+        self.cut = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self.websocket(request)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        is_job_post = request.method == "POST" and request.path.endswith("/jobs")
+        async with self.http.request(
+            request.method,
+            self.target + request.path_qs,
+            headers=headers,
+            data=await request.read(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        ) as upstream:
+            if is_job_post:
+                self.keys.append(request.headers.get("Idempotency-Key"))
+                reply = json.loads(await upstream.read())
+                self.job_posts.append((upstream.status, reply))
+                if self.cut < self.lose:
+                    self.cut += 1
+                    assert request.transport is not None
+                    request.transport.abort()  # handled upstream; the client never hears
+                    return web.Response()
+                return web.json_response(reply, status=upstream.status)
+            response = web.StreamResponse(status=upstream.status)
+            for name in ("Content-Type", "Cache-Control", "X-Accel-Buffering"):
+                if name in upstream.headers:
+                    response.headers[name] = upstream.headers[name]
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        client = web.WebSocketResponse()
+        await client.prepare(request)
+        url = "ws" + self.target[4:] + request.path_qs
+        async with self.http.ws_connect(url) as server:
+
+            async def pump(
+                src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+            ) -> None:
+                async for message in src:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        await dst.send_str(message.data)
+                await dst.close(code=src.close_code or 1000)
+
+            tasks = [
+                asyncio.create_task(pump(client, server)),
+                asyncio.create_task(pump(server, client)),
+            ]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return client
+
+
+@contextlib.asynccontextmanager
+async def losing_proxy(target: str, lose: int = 1) -> AsyncIterator[tuple[str, LosingProxy]]:
+    async with aiohttp.ClientSession() as http:
+        proxy = LosingProxy(target, http, lose)
+        async with serving(proxy.app()) as base:
+            yield base, proxy
+
+
+async def session_history(redis: Redis, keys: Keys, session_id: str) -> list[dict[str, Any]]:
+    entries = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.session_history(session_id))
+    )
+    return [json.loads(fields[HISTORY_FIELD.encode()]) for _, fields in entries]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_job_post_whose_reply_is_lost_is_sent_again_and_makes_one_job(
+    settings: Settings, redis: Redis, keys: Keys, transport: Transport
+) -> None:
+    async with (
+        stack(settings) as (base, _),
+        losing_proxy(base) as (proxy_url, proxy),
+        Client(proxy_url, transport=transport) as client,
+    ):
+        chat = await client.session()
+        stream = chat.ask("Answer me once", seed=5)
+        parts = [text async for text in stream]
+        answer = stream.answer
+        assert answer is not None and stream.job_id is not None
+        # The first POST reached the gateway, which enqueued the job; its reply was lost. The
+        # client sent it again with the same key and got the same job back.
+        assert proxy.cut == 1
+        (first_status, first), (second_status, second) = proxy.job_posts
+        assert (first_status, second_status) == (202, 200)
+        assert first["job_id"] == second["job_id"] == stream.job_id
+        assert second["replayed"] is True
+        assert proxy.keys == [stream.idempotency_key] * 2 and stream.idempotency_key
+        # One job, one answer, delivered once.
+        assert await redis.xlen(keys.jobs_stream(settings.model)) == 1
+        events = await session_history(redis, keys, chat.session_id)
+        assert [e["job_id"] for e in events if e["type"] == "stream_start"] == [stream.job_id]
+        n = settings.synthetic_tokens
+        assert "".join(parts) == answer.text == chat_answer(chat.session_id, "Answer me once", 5, n)
+        assert answer.text == await published_text(redis, keys, chat.session_id, stream.job_id)
+        assert answer.usage.completion_tokens == n
+
+
+async def test_send_retries_with_the_callers_key_and_gives_up_after_submit_retries(
+    settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    async with (
+        stack(settings) as (base, _),
+        losing_proxy(base, lose=100) as (proxy_url, proxy),
+        Client(proxy_url, submit_retries=2, backoff_s=0.01) as client,
+    ):
+        chat = await client.session()
+        # Every reply lost: the first attempt and two retries, all with the caller's key.
+        with pytest.raises(ConnectionLostError) as info:
+            await chat.send("Lost replies", idempotency_key="my-key-1")
+        assert "my-key-1" in info.value.message
+        assert proxy.keys == ["my-key-1"] * 3
+        job_ids = {reply["job_id"] for _, reply in proxy.job_posts}
+        assert [status for status, _ in proxy.job_posts] == [202, 200, 200]
+        assert len(job_ids) == 1
+        # The caller retries the same submission: the same job, still one in the stream.
+        proxy.lose = 0
+        again = await chat.send("Lost replies", idempotency_key="my-key-1")
+        assert {again} == job_ids
+        assert await redis.xlen(keys.jobs_stream(settings.model)) == 1
+        # A new submission gets a fresh key of its own.
+        other = await chat.send("Lost replies")
+        assert other != again and proxy.keys[-1] not in (None, "my-key-1")
+        assert await redis.xlen(keys.jobs_stream(settings.model)) == 2
+        # The same key for something else is the gateway's 409.
+        with pytest.raises(TokenbusError) as conflict:
+            await chat.send("Something else", idempotency_key="my-key-1")
+        assert conflict.value.status == 409 and conflict.value.code == "idempotency_conflict"

@@ -17,9 +17,11 @@ import yaml
 from shared.codec import BadJob, decode_job, encode_job
 from shared.keys import JOB_FIELD
 from shared.protocol import Job, job_json_schema
-from shared.settings import BUNDLED_MODEL
+from shared.settings import BUNDLED_MODEL, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Seconds a gateway may take to exit after its drain bound (README: Draining a gateway).
+GATEWAY_EXIT_S = 2.0
 SAMPLE_JOB: dict[str, Any] = {
     "v": 1,
     "id": "job-1",
@@ -119,6 +121,111 @@ def test_k8s_manifests_parse() -> None:
         ("Secret", "tokenbus-secret"),
     ]:
         assert expected in kinds
+
+
+def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object in deploy/k8s, by (kind, name)."""
+    objects: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and "metadata" in doc:
+                objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objects
+
+
+def pod_spec(objects: dict[tuple[str, str], dict[str, Any]], name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = objects[("Deployment", name)]["spec"]["template"]["spec"]
+    return spec
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [c for c in spec["containers"] if c["name"] == name]
+    assert len(found) == 1, spec["containers"]
+    return found[0]
+
+
+@pytest.fixture
+def k8s_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings a pod gets from the ConfigMap (and defaults for what it leaves out)."""
+    data = k8s_objects()[("ConfigMap", "tokenbus-config")]["data"]
+    for name, value in data.items():
+        assert isinstance(value, str), f"{name}: ConfigMap values must be strings"
+        monkeypatch.setenv(name, value)
+    for name in ("TOKENBUS_WORKER_DRAIN_S", "TOKENBUS_GATEWAY_DRAIN_S", "TOKENBUS_LEASE_TTL_S"):
+        assert name in data, f"the ConfigMap should set {name}"
+    return Settings()
+
+
+def test_k8s_deployments_read_the_config_map() -> None:
+    objects = k8s_objects()
+    for name in ("gateway", "worker"):
+        sources = container(pod_spec(objects, name), name)["envFrom"]
+        assert {"configMapRef": {"name": "tokenbus-config"}} in sources, name
+
+
+def test_k8s_worker_grace_period_outlasts_its_drain(k8s_settings: Settings) -> None:
+    """Past the grace period the kubelet SIGKILLs the pod: a drain cut short hands nothing back."""
+    spec = pod_spec(k8s_objects(), "worker")
+    grace = spec["terminationGracePeriodSeconds"]
+    assert isinstance(grace, int)
+    assert grace > k8s_settings.worker_drain_s
+
+
+def test_k8s_gateway_sleeps_before_draining_within_its_grace_period(
+    k8s_settings: Settings,
+) -> None:
+    """preStop sleeps while the Service stops routing here; then SIGTERM starts the drain, and
+    the grace period (which the preStop hook counts against) outlasts both and the exit."""
+    spec = pod_spec(k8s_objects(), "gateway")
+    gateway = container(spec, "gateway")
+    command = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    sleep_s = float(command[1])
+    assert sleep_s > 0
+    grace = spec["terminationGracePeriodSeconds"]
+    assert isinstance(grace, int)
+    assert grace > sleep_s + k8s_settings.gateway_drain_s + GATEWAY_EXIT_S
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def duration_s(value: str | float) -> float:
+    """A compose duration ("45s", "1m30s", "1.5s", "500ms") in seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_duration_s_reads_compose_durations() -> None:
+    assert [duration_s(v) for v in ("45s", "1m30s", "1.5s", "500ms", 20)] == [
+        45.0,
+        90.0,
+        1.5,
+        0.5,
+        20.0,
+    ]
+
+
+def compose_setting(service: dict[str, Any], name: str) -> float:
+    """A float setting as the service's environment sets it, else its default."""
+    value = service.get("environment", {}).get(f"TOKENBUS_{name.upper()}")
+    if value is None:
+        default = Settings.model_fields[name].default
+        assert isinstance(default, float)
+        return default
+    return float(value)
+
+
+def test_compose_grace_periods_outlast_the_drains(compose: dict[str, Any]) -> None:
+    """Docker SIGKILLs a container still running after stop_grace_period (default 10 s)."""
+    worker = compose["services"]["worker"]
+    drain = compose_setting(worker, "worker_drain_s")
+    assert duration_s(worker["stop_grace_period"]) > drain
+    gateway = compose["services"]["gateway"]
+    drain = compose_setting(gateway, "gateway_drain_s")
+    assert duration_s(gateway["stop_grace_period"]) > drain + GATEWAY_EXIT_S
 
 
 def test_schema_file_is_current() -> None:

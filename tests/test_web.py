@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -23,7 +25,7 @@ from shared.close_codes import CLOSE_DRAINING
 from shared.codec import text
 from shared.embedded_redis import free_port
 from shared.jobs import get_record
-from shared.keys import Keys
+from shared.keys import HISTORY_FIELD, Keys
 from shared.settings import Settings
 from tests.conftest import report
 from tests.servers import running_worker, settings_env, stack, wait_ready
@@ -444,3 +446,124 @@ async def test_unknown_session_token_starts_a_new_session(settings: Settings, pa
         await expect(page.locator(MESSAGE)).to_have_count(1)
         answer = await send_prompt(page, "Still works")
         await expect(answer).to_have_attribute("data-state", "done")
+
+
+# ---- idempotency keys ---------------------------------------------------------------------
+
+
+def prompts_in(frames: list[str | bytes]) -> list[dict[str, Any]]:
+    """The ``prompt`` messages among WebSocket frames."""
+    found = []
+    for frame in frames:
+        message = json.loads(frame)
+        if isinstance(message, dict) and message.get("type") == "prompt":
+            found.append(message)
+    return found
+
+
+async def test_each_prompt_carries_a_fresh_idempotency_key(
+    settings: Settings, redis: Redis, keys: Keys, page: Page
+) -> None:
+    from playwright.async_api import WebSocket, expect
+
+    sent: list[str | bytes] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        sent.append(payload)
+
+    def on_websocket(ws: WebSocket) -> None:
+        ws.on("framesent", on_frame)
+
+    page.on("websocket", on_websocket)
+    async with chat_stack(settings, page) as base:
+        await open_chat(page, base)
+        for text_ in ("First question", "Second question"):
+            answer = await send_prompt(page, text_)
+            await expect(answer).to_have_attribute("data-state", "done")
+        prompts = prompts_in(sent)
+        assert [p["messages"][0]["content"] for p in prompts] == [
+            "First question",
+            "Second question",
+        ]
+        keys_sent = [p["idempotency_key"] for p in prompts]
+        assert all(isinstance(k, str) and len(k) >= 16 for k in keys_sent), keys_sent
+        assert keys_sent[0] != keys_sent[1]
+        assert await redis.xlen(keys.jobs_stream(settings.model)) == 2
+
+
+async def test_a_prompt_whose_confirmation_is_lost_is_sent_again_and_answered_once(
+    settings: Settings, redis: Redis, keys: Keys, page: Page
+) -> None:
+    """The gateway gets the prompt and enqueues its job, but the socket drops before the page
+    hears so: on the next connection the page sends it again with the same key, and the gateway
+    answers with the same job instead of making a second one."""
+    from playwright.async_api import WebSocketRoute, expect
+
+    sent: list[dict[str, Any]] = []  # prompts, on every connection
+    replies: list[list[dict[str, Any]]] = []  # what the gateway said, per connection
+    cut: list[int] = []  # codes the page's first socket was closed with
+
+    async def route(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+        heard: list[dict[str, Any]] = []
+        replies.append(heard)
+        first = len(replies) == 1
+        prompted = False
+
+        def to_server(message: str | bytes) -> None:
+            nonlocal prompted
+            decoded = json.loads(message)
+            if decoded.get("type") == "prompt":
+                sent.append(decoded)
+                prompted = True
+            server.send(message)
+
+        async def to_page(message: str | bytes) -> None:
+            decoded = json.loads(message)
+            heard.append(decoded)
+            if not (first and prompted):
+                ws.send(message)
+            elif decoded.get("type") == "queued" and not cut:
+                # The gateway enqueued the job and said so; the page never hears it.
+                cut.append(1011)
+                await ws.close(code=1011, reason="lost")
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    await page.route_web_socket(re.compile(r"/v1/ws"), route)
+    async with chat_stack(settings, page) as base:
+        await open_chat(page, base)
+        answer = await send_prompt(page, "Answer me once")
+        await expect(answer).to_have_attribute("data-state", "done", timeout=ANSWER_MS)
+        sid = await session_id(page)
+        job_id = await answer.get_attribute("data-job-id")
+        assert job_id
+
+        assert cut == [1011] and len(replies) >= 2
+        queued = [m for m in replies[0] if m.get("type") == "queued"]
+        assert [m["job_id"] for m in queued] == [job_id] and "replayed" not in queued[0]
+        # Sent twice, on two connections, with one key: the second was a replay.
+        assert len(sent) == 2 and sent[0] == sent[1]
+        assert sent[0]["idempotency_key"]
+        again = [m for c in replies[1:] for m in c if m.get("type") == "queued"]
+        assert [(m["job_id"], m.get("replayed")) for m in again] == [(job_id, True)]
+        # One job, one answer, shown once.
+        assert await redis.xlen(keys.jobs_stream(settings.model)) == 1
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.session_history(sid))
+        )
+        history = [json.loads(fields[HISTORY_FIELD.encode()]) for _, fields in entries]
+        assert [e["job_id"] for e in history if e["type"] == "stream_start"] == [job_id]
+        shown = await answer_text(answer)
+        assert shown == await published_text(redis, keys, sid, job_id)
+        assert len(shown.split()) == settings.synthetic_tokens
+        await expect(page.locator(MESSAGE)).to_have_count(2)
+        # Saved (a moment later: saves are batched) with its job and without a prompt to resend.
+        await page.wait_for_function(
+            """id => {
+                const items = JSON.parse(localStorage.getItem('tokenbus.chat.v1')).items;
+                return items.length === 2 && items[1].job_id === id && !items[1].submit;
+            }""",
+            arg=job_id,
+        )

@@ -4,6 +4,11 @@
  * position (epoch, offset) of the last session event applied to it. Transcript and position
  * are saved together, so a reconnect or a reload resumes exactly where the transcript stands:
  * the gateway replays everything after that offset once, or says "resync" when it cannot.
+ *
+ * Every prompt carries an idempotency key, a fresh random one per message typed. A prompt the
+ * gateway did not confirm before the connection dropped (it may or may not have enqueued it) is
+ * sent again, with the same key, on the next connection: the gateway makes one job of all of
+ * them, so the answer comes once either way.
  */
 "use strict";
 
@@ -19,6 +24,7 @@
   const GONE = new Set([1012, 1001]);
   const SAVE_DELAY_MS = 200;
   const BUSY = new Set(["queued", "streaming"]);
+  const MAX_SUBMITS = 5; // sends of one prompt (the first and its resends) before giving up
   const TERMINAL = new Set(["done", "stopped", "error"]);
 
   const $ = (id) => document.getElementById(id);
@@ -238,6 +244,18 @@
     return state.items.find((i) => i.role === "assistant" && i.job_id === jobId) || null;
   }
 
+  /** A fresh random idempotency key (crypto.getRandomValues: plain http pages have it too). */
+  function newIdempotencyKey() {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return "web-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  /** The job is known: nothing of its prompt needs sending again. */
+  function confirmed(item, jobId) {
+    item.job_id = jobId;
+    delete item.submit;
+  }
+
   function unconfirmed(item) {
     return (
       item.role === "assistant" &&
@@ -253,7 +271,7 @@
     if (item) return item;
     item = state.items.find(unconfirmed);
     if (item) {
-      item.job_id = jobId;
+      confirmed(item, jobId);
       item.error = null;
       item.state = "queued";
       render(item);
@@ -349,7 +367,7 @@
     if (existing) {
       if (placeholder && placeholder !== existing && !placeholder.job_id) remove(placeholder);
     } else if (placeholder && !placeholder.job_id) {
-      placeholder.job_id = msg.job_id;
+      confirmed(placeholder, msg.job_id);
       if (placeholder.error && placeholder.error.code === "unconfirmed") {
         placeholder.error = null;
         placeholder.state = "queued";
@@ -458,10 +476,13 @@
   function onConnected() {
     connected = true;
     setStatus("connected");
-    // Prompts sent on an earlier connection that the gateway never confirmed.
+    // Prompts sent on an earlier connection that the gateway never confirmed: sent again with
+    // their idempotency key (one job however many arrived), a bounded number of times.
     for (const item of state.items) {
       if (item.role === "assistant" && !item.job_id && item.state === "queued") {
         if (item.sentOn === wsGen) continue;
+        if (item.submit && item.submit.sends < MAX_SUBMITS && submit(item)) continue;
+        delete item.submit;
         item.state = "error";
         item.error = {
           code: "unconfirmed",
@@ -506,6 +527,16 @@
   function sendJson(message) {
     if (!ws || !connected || ws.readyState !== WebSocket.OPEN) return false;
     ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Send (or send again) the prompt of the answer ``item``; false when not connected. */
+  function submit(item) {
+    const { messages, idempotency_key } = item.submit;
+    if (!sendJson({ type: "prompt", messages, idempotency_key, ref: item.ref })) return false;
+    item.submit.sends += 1;
+    item.sentOn = wsGen;
+    save();
     return true;
   }
 
@@ -589,7 +620,10 @@
     push({ role: "user", text, state: "done" });
     const answer = push({ role: "assistant", job_id: null, sentOn: wsGen, state: "queued", text: "" });
     answer.ref = `r${answer.id}`;
-    if (!sendJson({ type: "prompt", messages: [{ role: "user", content: text }], ref: answer.ref })) {
+    const messages = [{ role: "user", content: text }];
+    answer.submit = { messages, idempotency_key: newIdempotencyKey(), sends: 0 };
+    if (!submit(answer)) {
+      delete answer.submit;
       answer.state = "error";
       answer.error = { code: "not_connected", message: "not connected; send it again" };
       render(answer);

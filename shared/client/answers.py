@@ -36,9 +36,12 @@ class AnswerStream:
         body: dict[str, Any] | None = None,
         job_id: str | None = None,
         start: Position | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         self._session = session
         self._body = body
+        #: The key the job request carries (every retry of it too); None for ``stream()``.
+        self.idempotency_key = idempotency_key
         self._start = start
         self.job_id = job_id
         self.model: str | None = None
@@ -105,7 +108,8 @@ class AnswerStream:
             # Subscribed from a position before the job exists: none of its events is missed.
             await stream.connect()
             if self._body is not None:
-                self.job_id = await session._submit(self._body, start)
+                assert self.idempotency_key is not None
+                self.job_id = await session._submit(self._body, start, self.idempotency_key)
             lost: EventDict | None = None  # a resync before this job's first event
             seen = False
             while True:

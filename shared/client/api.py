@@ -23,6 +23,15 @@ from shared.client.session import Session
 
 logger = logging.getLogger("tokenbus.client")
 
+#: The HTTP header carrying a job request's idempotency key (gateway/intake.py).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _surely_unhandled(exc: BaseException) -> bool:
+    """Whether a failed request surely never reached a gateway's handler: no connection was
+    made, or a draining gateway refused it."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, _Draining))
+
 
 class Client:
     """Entry point: ``async with Client(base_url) as client: chat = await client.session()``.
@@ -34,6 +43,8 @@ class Client:
     needs one). Streams reconnect for up to ``reconnect_timeout_s`` after each drop, waiting
     ``backoff_s`` doubling to ``max_backoff_s`` between attempts; ``timeout_s`` bounds each
     request and connection attempt; a stream silent for ``idle_timeout_s`` counts as dropped.
+    A job request whose outcome is unknown (its connection dropped or timed out after it was
+    sent) is sent again with the same idempotency key, at most ``submit_retries`` times.
     Pass ``http`` to use an aiohttp session of your own (it is not closed here).
     """
 
@@ -48,10 +59,13 @@ class Client:
         max_backoff_s: float = 2.0,
         timeout_s: float = 30.0,
         idle_timeout_s: float = 60.0,
+        submit_retries: int = 3,
         http: aiohttp.ClientSession | None = None,
     ) -> None:
         if transport not in ("ws", "sse"):
             raise ValueError(f"transport must be 'ws' or 'sse', not {transport!r}")
+        if submit_retries < 0:
+            raise ValueError(f"submit_retries must be 0 or more, not {submit_retries}")
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
             raise ValueError("give at least one base URL")
@@ -64,6 +78,7 @@ class Client:
         self.max_backoff_s = max_backoff_s
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.submit_retries = submit_retries
         self._http = http
         self._owns_http = http is None
 
@@ -131,21 +146,31 @@ class Client:
         token: str | None,
         idempotent: bool,
         json_body: object = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """One JSON request. Retried, within ``reconnect_timeout_s``, when it surely was not
         handled (connection refused, a draining gateway's 503), or at all for an ``idempotent``
         one; on the next gateway at once when there is one not tried yet.
+
+        A request with an ``idempotency_key`` (a job submission: the gateway makes one job of
+        every request with that key) is sent with it each time, and is also retried when it may
+        have been handled (the connection dropped or timed out after sending), up to
+        ``submit_retries`` times.
         """
         http = self._http_session()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if idempotency_key is not None:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
+        repeatable = idempotent or idempotency_key is not None
         retryable: tuple[type[BaseException], ...] = (
-            *(_TRANSIENT if idempotent else (aiohttp.ClientConnectorError,)),
+            *(_TRANSIENT if repeatable else (aiohttp.ClientConnectorError,)),
             _Draining,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.reconnect_timeout_s
         backoff = self.backoff_s
         tried: set[str] = set()  # gateways that failed since the last wait
+        unsure = 0  # attempts of a keyed request that may have been handled
         while True:
             base = self.base_url
             tried.add(base)
@@ -165,6 +190,13 @@ class Client:
                     reply = _json_object(await response.read())
                     return reply if reply is not None else {}
             except retryable as exc:
+                if idempotency_key is not None and not _surely_unhandled(exc):
+                    unsure += 1
+                    if unsure > self.submit_retries:
+                        raise ConnectionLostError(
+                            f"{method} {path} failed {unsure} times, its outcome unknown "
+                            f"(idempotency key {idempotency_key!r}): {exc!r}"
+                        ) from exc
                 self._move_on(base)
                 if self.base_url not in tried:
                     logger.debug("%s %s failed (%r); trying %s", method, path, exc, self.base_url)

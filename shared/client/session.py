@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
 
 #: Jobs whose pre-send position ``Session.stream`` remembers.
 _REMEMBERED_JOBS = 1024
+
+
+def new_idempotency_key() -> str:
+    """A fresh random idempotency key: one per job submission, reused by its every retry."""
+    return secrets.token_urlsafe(18)
 
 
 def _job_body(
@@ -74,13 +80,20 @@ class Session:
         *,
         messages: list[dict[str, str]] | None = None,
         prompt: str | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> str:
         """Enqueue a job; its id. ``content`` is a user message (the session remembers earlier
         turns); ``prompt=`` is a raw completion instead. ``params`` go into the job body as they
         are: max_tokens, temperature, top_p, seed, stop, model, memory, timeout_s, ...
+
+        The request carries an idempotency key, a fresh random one unless ``idempotency_key``
+        gives one: retries (the client's own, or yours with the same key and arguments, through
+        any gateway, within a day) get the same job instead of a second one.
         """
-        return await self._submit(_job_body(content, messages, prompt, params), self.position)
+        body = _job_body(content, messages, prompt, params)
+        key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        return await self._submit(body, self.position, key)
 
     def ask(
         self,
@@ -89,13 +102,18 @@ class Session:
         *,
         messages: list[dict[str, str]] | None = None,
         prompt: str | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> AnswerStream:
         """Send a job and follow its answer: ``async for text in chat.ask(...)`` yields its text
         as it comes; ``await chat.ask(...).text()`` waits for the whole Answer. Same arguments
-        as ``send``.
+        as ``send``; the stream's ``idempotency_key`` is the key its request carries.
         """
-        return AnswerStream(self, body=_job_body(content, messages, prompt, params))
+        return AnswerStream(
+            self,
+            body=_job_body(content, messages, prompt, params),
+            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+        )
 
     def stream(self, job_id: str) -> AnswerStream:
         """Follow a job sent earlier (by ``send``, or by anyone: then from the retained history)."""
@@ -130,9 +148,14 @@ class Session:
     def _jobs_path(self) -> str:
         return f"/v1/sessions/{self.session_id}/jobs"
 
-    async def _submit(self, body: dict[str, Any], position: Position) -> str:
+    async def _submit(self, body: dict[str, Any], position: Position, key: str) -> str:
         reply = await self.client._request(
-            "POST", self._jobs_path, token=self.token, json_body=body, idempotent=False
+            "POST",
+            self._jobs_path,
+            token=self.token,
+            json_body=body,
+            idempotent=False,
+            idempotency_key=key,
         )
         job_id = str(reply["job_id"])
         self._sent[job_id] = position
