@@ -86,6 +86,8 @@ class JobRunner:
             outcome = await self._attempt()
             if outcome is None:
                 return
+            if running.fence is not None:  # ended: the lease is done, nothing to renew
+                w.keeper.drop(job.id, running.fence.token)
             await ride_out(lambda: self._finish(outcome), hold_s=w.settings.outage_hold_s)
             w.metrics.finished(outcome.state)
             self._log_finished(outcome)

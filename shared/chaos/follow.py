@@ -30,6 +30,7 @@ class Stream:
     offset: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
     delta_times: list[float] = field(default_factory=list)  # monotonic, per delta
+    tokens: int = 0  # received, as the deltas count them
     seen: set[tuple[str, int]] = field(default_factory=set)
     duplicate_events: int = 0
     reconnects: int = 0
@@ -60,6 +61,7 @@ class Stream:
         self.events.append(event)
         if kind == "delta":
             self.delta_times.append(time.monotonic())
+            self.tokens += int(event.get("tokens", 0))
         if kind in TERMINAL and event.get("job_id"):
             self.ended = True
 

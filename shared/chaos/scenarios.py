@@ -76,11 +76,17 @@ async def _post(http: aiohttp.ClientSession, base: str, s: Stream, i: int, load:
     raise RuntimeError(f"job not accepted: {reply}")
 
 
-async def _delivered(streams: list[Stream], share: float) -> None:
-    """Until ``share`` of all expected tokens reached the clients: the answers are mid-way."""
+async def _delivered(streams: list[Stream], share: float, timeout_s: float = 120.0) -> None:
+    """Until ``share`` of all expected tokens reached the clients: the answers are mid-way.
+
+    Tokens, not delta events: a busy worker or gateway merges several tokens into one delta.
+    """
     want = share * sum(len(s.expected) for s in streams)
-    while sum(len(s.delta_times) for s in streams) < want:  # noqa: ASYNC110 - polled counts
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(timeout_s):
+        while sum(s.tokens for s in streams) < want:
+            if all(s.ended for s in streams):
+                raise RuntimeError("every answer ended before the fault could be injected")
+            await asyncio.sleep(0.05)
 
 
 async def run(name: str, load: Load, fault: Fault, *, aof: bool = False) -> Row:
@@ -227,8 +233,9 @@ async def duplicate_jobs(c: Cluster, streams: list[Stream], row: Row) -> bool:
         half = len(streams) // 2
         for s in streams[:half]:
             await client.xadd(stream, entries[s.job_id])
-        while not all(s.ended for s in streams[half:]):  # noqa: ASYNC110 - polled state
-            await asyncio.sleep(0.1)
+        async with asyncio.timeout(120):
+            while not all(s.ended for s in streams[half:]):  # noqa: ASYNC110 - polled state
+                await asyncio.sleep(0.1)
         for s in streams[half:]:
             await client.xadd(stream, entries[s.job_id])
         await asyncio.sleep(2.0)
