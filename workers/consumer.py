@@ -305,11 +305,8 @@ class Worker:
         if here is not None:
             if here.entry_id != entry_id:
                 # The same job enqueued twice: the running one stands, this one is recorded.
-                log(logger, "job_duplicate", job_id=job.id, entry_id=entry_id, of="running")
-                self.metrics.finished("duplicate")
-                with contextlib.suppress(RedisError):
-                    await self.record_duplicate(job.id, entry_id)
-                    await self.redis.xack(self.stream, JOBS_GROUP, entry_id)
+                with contextlib.suppress(RedisError):  # left pending: seen again later
+                    await self.duplicate(job.id, entry_id, of="running")
             return  # our own entry, reclaimed while we run it: nothing to do
         running = Running(job, entry_id, fields)
         self._jobs[job.id] = running
@@ -319,9 +316,11 @@ class Worker:
         task.add_done_callback(self._job_done)
 
     async def _run_job(self, running: Running) -> None:
+        self.keeper.take_entry(running.entry_id)
         try:
             await JobRunner(self, running).run()
         finally:
+            self.keeper.drop_entry(running.entry_id)
             if self._jobs.get(running.job.id) is running:
                 del self._jobs[running.job.id]
 
@@ -330,8 +329,16 @@ class Worker:
         self.metrics.jobs_running.dec()
         self._slot_freed.set()
 
-    async def record_duplicate(self, job_id: str, entry_id: str) -> None:
-        """Note on the job's record that another entry of it was acknowledged, not run."""
+    async def duplicate(self, job_id: str, entry_id: str, *, of: str) -> None:
+        """Acknowledge another entry of a job that runs or ran, and count it on the record.
+
+        Counted only by the worker whose XACK took it: under load two workers can hold the same
+        entry for a moment (one read it, the other reclaimed it), and both get here.
+        """
+        if not await self.redis.xack(self.stream, JOBS_GROUP, entry_id):
+            return
+        log(logger, "job_duplicate", job_id=job_id, entry_id=entry_id, of=of)
+        self.metrics.finished("duplicate")
         record = self.keys.job(job_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(record, "duplicates", 1)

@@ -63,6 +63,9 @@ class LeaseKeeper:
         self._stall_s = stall_s
         self._on_lost = on_lost
         self._held: dict[str, Held] = {}
+        # Read but not yet leased: under load a job may wait longer than the TTL for its first
+        # lease call, and its entry must not look abandoned meanwhile.
+        self._in_hand: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._tick = time.monotonic()
@@ -86,6 +89,15 @@ class LeaseKeeper:
         with self._lock:
             self._held[job_id] = Held(session_id, job_id, fence, entry_id)
 
+    def take_entry(self, entry_id: str) -> None:
+        """An entry this worker read and has not finished with (leased or not yet)."""
+        with self._lock:
+            self._in_hand.add(entry_id)
+
+    def drop_entry(self, entry_id: str) -> None:
+        with self._lock:
+            self._in_hand.discard(entry_id)
+
     def drop(self, job_id: str, fence: str) -> None:
         with self._lock:
             held = self._held.get(job_id)
@@ -106,14 +118,15 @@ class LeaseKeeper:
                 continue  # the leases lapse: other workers take the jobs over
             with self._lock:
                 held = list(self._held.values())
-            if not held:
+                in_hand = set(self._in_hand)
+            if not held and not in_hand:
                 continue
             try:
-                self._renew(held)
+                self._renew(held, in_hand)
             except RedisError as exc:
                 log(logger, "lease_renew_failed", logging.WARNING, error=repr(exc))
 
-    def _renew(self, held: list[Held]) -> None:
+    def _renew(self, held: list[Held], in_hand: set[str]) -> None:
         ttl = str(self._ttl_ms)
         pipe = self._client.pipeline(transaction=False)
         for h in held:
@@ -123,20 +136,15 @@ class LeaseKeeper:
                 self._keys.job_token_ids(h.session_id, h.job_id),
             ]
             self._script(keys=keys, args=["renew", self._consumer, h.fence, ttl], client=pipe)
-        results = pipe.execute()
+        results = pipe.execute() if held else []
         # Re-claiming its own entries resets their idle time, so XAUTOCLAIM's min-idle (the
         # TTL) means "not renewed" (workers.recovery).
-        kept = [h for h, ok in zip(held, results, strict=True) if ok]
-        if kept:
-            self._client.xclaim(
-                self._stream,
-                JOBS_GROUP,
-                self._consumer,
-                0,
-                [h.entry_id for h in kept],
-                justid=True,
-            )
         lost = [h for h, ok in zip(held, results, strict=True) if not ok]
+        mine = (in_hand | {h.entry_id for h in held}) - {h.entry_id for h in lost}
+        if mine:
+            ids: list[int | bytes | str | memoryview[int]] = []
+            ids.extend(sorted(mine))
+            self._client.xclaim(self._stream, JOBS_GROUP, self._consumer, 0, ids, justid=True)
         for h in lost:
             self.drop(h.job_id, h.fence)
             if self._loop is not None and not self._loop.is_closed():

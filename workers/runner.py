@@ -224,13 +224,11 @@ class JobRunner:
         if isinstance(lease, Done) and lease.entry_id == running.entry_id:
             # Redelivered after its worker finished it but died before acknowledging.
             log(logger, "job_already_finished", job_id=job.id, entry_id=running.entry_id)
-        else:
-            # Another entry of the same job (enqueued twice): acknowledged and recorded, not run.
-            state = "finished" if isinstance(lease, Done) else "running"
-            log(logger, "job_duplicate", job_id=job.id, entry_id=running.entry_id, of=state)
-            w.metrics.finished("duplicate")
-            await w.record_duplicate(job.id, running.entry_id)
-        await w.redis.xack(w.stream, JOBS_GROUP, running.entry_id)
+            await w.redis.xack(w.stream, JOBS_GROUP, running.entry_id)
+            return
+        # Another entry of the same job (enqueued twice): acknowledged and recorded, not run.
+        state = "finished" if isinstance(lease, Done) else "running"
+        await w.duplicate(job.id, running.entry_id, of=state)
 
     async def _remember(self, answer: str, finish: FinishReason) -> None:
         if finish == "cancelled" and not answer:
