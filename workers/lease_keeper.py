@@ -82,7 +82,8 @@ class LeaseKeeper:
         self._stop.set()
         if self._ticker is not None:
             self._ticker.cancel()
-        await asyncio.to_thread(self._thread.join, 10)
+        if self._thread.is_alive():  # never started when the worker failed to start
+            await asyncio.to_thread(self._thread.join, 10)
         self._client.close()
 
     def hold(self, session_id: str, job_id: str, fence: str, entry_id: str) -> None:
