@@ -114,11 +114,16 @@ async def test_prepared_smollm2_answers_a_chat_prompt_through_the_stack(
                 events = await ws_receive_until(ws, timeout=120)
             remembered = await _chat(http, base, ["Hi! My name is Zorblax.", "What is my name?"])
             client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            # The question the WebSocket asked, greedily: the OpenAI route is the same job
+            # path, so it must give the very same answer. (Another question's answer is the
+            # model's business: "What is the capital of Italy?" went from "Rome" to "Il
+            # Coriobella, Italy." with nothing of ours changed, when pip resolved newer
+            # tokenizers/transformers on a fresh machine.)
             completion = await client.chat.completions.create(
                 model=BUNDLED_MODEL,
-                messages=[{"role": "user", "content": "What is the capital of Italy?"}],
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
                 temperature=0,
-                max_tokens=24,
+                max_tokens=48,
             )
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -136,9 +141,10 @@ async def test_prepared_smollm2_answers_a_chat_prompt_through_the_stack(
     # The session remembered the first turn: the name is only in the history.
     report(f"SmolLM2 with memory: 'What is my name?' -> {remembered[-1]!r}")
     assert "Zorblax" in remembered[-1]
-    rome = completion.choices[0].message.content or ""
-    report(f"SmolLM2 through the openai client: 'What is the capital of Italy?' -> {rome!r}")
-    assert "Rome" in rome and completion.usage is not None
+    via_openai = completion.choices[0].message.content or ""
+    report(f"SmolLM2 through the openai client: same question -> {via_openai!r}")
+    assert via_openai == answer and completion.usage is not None
+    assert completion.usage.completion_tokens == end["usage"]["completion_tokens"]
 
 
 def test_worker_without_a_prepared_model_says_what_to_run(
