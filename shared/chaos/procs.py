@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import redis
+import redis.asyncio as aredis
 
+from shared.chaos.vip import Vip
 from shared.embedded_redis import free_port
 
 #: The session-token key every process of a run shares.
@@ -81,9 +83,35 @@ class Cluster:
     workers: list[Proc] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
 
+    replica: Proc | None = None
+    replica_port: int = 0
+    vip: Vip | None = None  # set: clients reach Redis through it, and it moves on failover
+
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        port = self.vip.port if self.vip is not None else self.redis_port
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def start_replica(self) -> None:
+        """An asynchronous replica of the master, and a VIP in front of the master."""
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.replica_port = free_port()
+        argv = [binary, "--port", str(self.replica_port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", self.workdir, "--dbfilename", "replica.rdb"]
+        argv += ["--replicaof", "127.0.0.1", str(self.redis_port)]
+        self.replica = Proc("replica", argv, dict(os.environ), f"{self.workdir}/replica.log")
+        self.replica.start()
+        wait_redis(f"redis://127.0.0.1:{self.replica_port}/0")
+        client = aredis.Redis(port=self.replica_port)
+        try:  # in sync before the load starts: what it lacks at failover is then only lag
+            async with asyncio.timeout(30):
+                while (await client.info("replication")).get("master_link_status") != "up":  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+        finally:
+            await client.aclose()
+        self.vip = Vip(self.redis_port)
+        await self.vip.start()
 
     @property
     def urls(self) -> list[str]:
@@ -107,7 +135,7 @@ class Cluster:
         if binary is None:
             raise RuntimeError("redis-server not found (make setup installs it)")
         argv = [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--dir", self.workdir]
+        argv += ["--dir", self.workdir, "--repl-diskless-sync-delay", "0"]
         # fsync on every write: a restart loses nothing acknowledged (the README's table
         # says what "everysec" can lose).
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else []
@@ -155,20 +183,22 @@ class Cluster:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{proc.name} not ready")
                     await asyncio.sleep(0.1)
-        client = redis.Redis.from_url(self.redis_url)
+        # Async: Redis may be reached through the VIP, which runs on this very loop.
+        client = aredis.Redis.from_url(self.redis_url)
         try:
-            while len(client.keys("tokenbus:worker:*")) < len(self.workers):
+            while len(await client.keys("tokenbus:worker:*")) < len(self.workers):
                 if time.monotonic() > deadline:
                     raise TimeoutError("workers not ready")
                 await asyncio.sleep(0.1)
         finally:
-            client.close()
+            await client.aclose()
 
     def stop(self) -> None:
         for proc in [*self.gateways, *self.workers]:
             proc.stop()
-        if self.redis is not None:
-            self.redis.stop()
+        for server in (self.redis, self.replica):
+            if server is not None:
+                server.stop()
 
 
 def wait_redis(url: str, timeout: float = 20.0) -> None:

@@ -49,6 +49,10 @@ class Row:
     takeover_p50_s: float | None = None
     takeover_p99_s: float | None = None
     exits_ok: bool = True  # every signalled process exited as it should (0 after SIGTERM)
+    # Where the fault may lose data (a failover to an asynchronous replica), a stream may end
+    # damaged if it was told (a resync or an error event); silent counts the others.
+    resync_ok: bool = False
+    silent: int = 0
     note: str = ""
 
     def add(self, s: Stream) -> None:
@@ -60,6 +64,9 @@ class Row:
         self.stuck += c.stuck
         self.resyncs += s.resyncs
         self.reconnects += s.reconnects
+        damaged = not c.completed and not c.stuck
+        told = s.resyncs > 0 or any(e.get("type") == "error" for e in s.events)
+        self.silent += damaged and not told
 
     def takeovers(self, seconds: list[float]) -> None:
         if seconds:
@@ -69,6 +76,8 @@ class Row:
 
     @property
     def ok(self) -> bool:
+        if self.resync_ok:
+            return self.stuck == 0 and self.silent == 0 and self.exits_ok
         bad = self.lost + self.duplicated + self.restarted + self.stuck
         return bad == 0 and self.completed == self.streams and self.exits_ok
 
@@ -101,6 +110,8 @@ def table(rows: list[Row]) -> str:
             r.resyncs, r.reconnects, takeover, "yes" if r.ok else "NO",
         ]  # fmt: skip
         lines.append("  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)))
+        if r.resync_ok:
+            lines.append(f"    streams damaged without a resync or error: {r.silent}")
         if r.note:
             lines.append(f"    {r.note}")
     return "\n".join(lines)

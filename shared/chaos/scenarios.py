@@ -89,9 +89,13 @@ async def _delivered(streams: list[Stream], share: float, timeout_s: float = 120
             await asyncio.sleep(0.05)
 
 
-async def run(name: str, load: Load, fault: Fault, *, aof: bool = False) -> Row:
-    row = Row(name, load.streams)
+async def run(
+    name: str, load: Load, fault: Fault, *, aof: bool = False, replica: bool = False
+) -> Row:
+    row = Row(name, load.streams, resync_ok=replica)
     with cluster(aof=aof, worker_env=load.worker_env()) as c:
+        if replica:
+            await c.start_replica()
         for _ in range(2):
             c.add_gateway()
             c.add_worker()
@@ -123,6 +127,8 @@ async def run(name: str, load: Load, fault: Fault, *, aof: bool = False) -> Row:
         for s in streams:
             row.add(s)
         await _takeover_times(c, streams, row)
+        if c.vip is not None:
+            await c.vip.close()
     return row
 
 
@@ -220,6 +226,23 @@ async def restart_redis(c: Cluster, streams: list[Stream], row: Row) -> bool:
     return True
 
 
+async def failover_redis(c: Cluster, streams: list[Stream], row: Row) -> bool:
+    """The master dies; its asynchronous replica is promoted and the VIP moves to it."""
+    await _delivered(streams, 0.3)
+    assert c.redis is not None and c.vip is not None
+    c.redis.signal(signal.SIGKILL)
+    await asyncio.to_thread(c.redis.wait, 10.0)
+    replica = aredis.Redis(port=c.replica_port)
+    try:
+        offset = (await replica.info("replication")).get("master_repl_offset")
+        await replica.replicaof("NO", "ONE")
+    finally:
+        await replica.aclose()
+    await c.vip.move_to(c.replica_port)
+    row.note += f" master SIGKILLed; replica (at replication offset {offset}) promoted."
+    return True
+
+
 async def duplicate_jobs(c: Cluster, streams: list[Stream], row: Row) -> bool:
     """Every job's entry XADDed again: half mid-answer, half once answered."""
     client = aredis.Redis.from_url(c.redis_url)
@@ -280,6 +303,7 @@ SCENARIOS: dict[str, tuple[Fault, bool]] = {
     "gateway_kill9": (kill_gateway, False),
     "gateway_sigterm": (term_gateway, False),
     "redis_restart": (restart_redis, True),
+    "redis_failover": (failover_redis, False),
     "duplicate_job": (duplicate_jobs, False),
     "poison_entry": (poison_entries, False),
 }
@@ -291,4 +315,4 @@ async def run_scenario(name: str, load: Load) -> Row:
         # Room for a quarter of the streams on each worker: the rest are queued in the jobs
         # stream when Redis dies, and must still run once it is back.
         load = replace(load, slots=max(1, load.streams // 4))
-    return await run(name, load, fault, aof=aof)
+    return await run(name, load, fault, aof=aof, replica=name == "redis_failover")
