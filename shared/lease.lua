@@ -5,7 +5,8 @@
 --   acquire owner entry ttl_ms space keep_s
 --     -> {"ok", fence, attempts, handbacks, text, ids, space, tokens, started}
 --      | {"busy", owner, entry, ms_left} | {"done", entry}
---   renew owner fence ttl_ms  -> 1, or 0 when the lease moved on (the holder must stop)
+--   renew owner fence ttl_ms  -> 1, 2 when the job ended under that fence, or 0 when the
+--                               lease moved on (the holder must stop)
 --   release owner fence       -> 1, or 0 when it was not held under that fence
 local lease, text_key, ids_key = KEYS[1], KEYS[2], KEYS[3]
 local action = ARGV[1]
@@ -51,6 +52,10 @@ if action == 'acquire' then
           have or '', tostring(tokens), l[7] or '0'}
 elseif action == 'renew' then
   if not held_by(ARGV[2], ARGV[3]) then
+    local l = redis.call('HMGET', lease, F.fence, F.done)
+    if l[1] == ARGV[3] and l[2] == '1' then
+      return 2  -- finished under this fence: nothing to renew, nothing lost
+    end
     return 0
   end
   redis.call('HSET', lease, F.until_, now + tonumber(ARGV[4]))

@@ -110,7 +110,7 @@ class Leases:
             keys=self._keys_of(session_id, job_id),
             args=["renew", owner, fence.token, str(self.ttl_ms)],
         )
-        return bool(reply)
+        return int(reply) == 1  # 2: the job ended under this fence, nothing left to renew
 
     async def renew_in(
         self, pipe: Pipeline, session_id: str, job_id: str, *, owner: str, fence: Fence

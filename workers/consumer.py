@@ -31,7 +31,7 @@ from workers.control import control_tail, read_control
 from workers.deadletter import refuse
 from workers.engine import Engine, EngineDelta
 from workers.engines import make_engine
-from workers.heartbeat import beat
+from workers.heartbeat import beat, beat_sync
 from workers.intake import Fields, check_limits, stream_entries, usable_ids
 from workers.lease_keeper import LeaseKeeper
 from workers.metrics import WorkerMetrics
@@ -95,6 +95,17 @@ class Worker:
             ttl_ms=self.leases.ttl_ms,
             stall_s=max(10.0, 5 * settings.lease_ttl_s),
             on_lost=self._lease_lost,
+            beat=lambda client: beat_sync(
+                client,
+                self.keys,
+                worker_id=self.consumer,
+                model=settings.model,
+                slots=settings.worker_slots,
+                running=len(self._tasks),
+                started_at=self._started_at,
+                interval_s=settings.heartbeat_s,
+            ),
+            beat_s=settings.heartbeat_s,
         )
         self.state = WorkerState.NEW
         self._jobs: dict[str, Running] = {}
@@ -155,7 +166,6 @@ class Worker:
             self.keeper.start()
             background = [
                 asyncio.create_task(self._control_loop(), name="worker-control"),
-                asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
             ]
             await self._read_loop()
             self._enter(WorkerState.DRAINING, WorkerState.RUNNING)
@@ -389,18 +399,6 @@ class Worker:
         running.cancel_requested = True
         log(logger, "cancel_requested", job_id=job_id, reason=reason)
         await self.engine.abort(job_id)
-
-    async def _heartbeat_loop(self) -> None:
-        while not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.heartbeat_s):
-                    await self._closing.wait()
-            if self._closing.is_set():
-                return
-            try:
-                await self._beat()
-            except RedisError as exc:
-                log(logger, "heartbeat_failed", logging.WARNING, error=repr(exc))
 
     async def _beat(self) -> None:
         await beat(

@@ -51,6 +51,8 @@ class LeaseKeeper:
         ttl_ms: int,
         stall_s: float,
         on_lost: OnLost,
+        beat: Callable[[redis.Redis], None] | None = None,
+        beat_s: float = 5.0,
     ) -> None:
         self._client = redis.Redis.from_url(
             redis_url, socket_timeout=5.0, socket_connect_timeout=5.0
@@ -62,6 +64,10 @@ class LeaseKeeper:
         self._ttl_ms = ttl_ms
         self._stall_s = stall_s
         self._on_lost = on_lost
+        # The worker's heartbeat goes from here too, so a busy loop never looks dead to the
+        # gateways (503 no_worker) while it works.
+        self._beat = beat
+        self._beat_s = beat_s
         self._held: dict[str, Held] = {}
         # Read but not yet leased: under load a job may wait longer than the TTL for its first
         # lease call, and its entry must not look abandoned meanwhile.
@@ -111,12 +117,24 @@ class LeaseKeeper:
             await asyncio.sleep(0.2)
 
     def _run(self) -> None:
-        interval = self._ttl_ms / 3000.0
+        renew_s = self._ttl_ms / 3000.0
+        interval = min(renew_s, self._beat_s) if self._beat is not None else renew_s
+        next_beat = next_renew = 0.0
         while not self._stop.wait(interval):
-            stalled = time.monotonic() - self._tick
+            now = time.monotonic()
+            stalled = now - self._tick
             if stalled > self._stall_s:
                 log(logger, "loop_stalled", logging.ERROR, seconds=round(stalled, 1))
                 continue  # the leases lapse: other workers take the jobs over
+            if self._beat is not None and now >= next_beat:
+                next_beat = now + self._beat_s
+                try:
+                    self._beat(self._client)
+                except RedisError as exc:
+                    log(logger, "heartbeat_failed", logging.WARNING, error=repr(exc))
+            if now < next_renew:
+                continue
+            next_renew = now + renew_s
             with self._lock:
                 held = list(self._held.values())
                 in_hand = set(self._in_hand)
@@ -140,6 +158,10 @@ class LeaseKeeper:
         results = pipe.execute() if held else []
         # Re-claiming its own entries resets their idle time, so XAUTOCLAIM's min-idle (the
         # TTL) means "not renewed" (workers.recovery).
+        # 2: the job's end is published (its runner is finishing): nothing to renew, no loss.
+        for h, ok in zip(held, results, strict=True):
+            if ok == 2:
+                self.drop(h.job_id, h.fence)
         lost = [h for h, ok in zip(held, results, strict=True) if not ok]
         mine = (in_hand | {h.entry_id for h in held}) - {h.entry_id for h in lost}
         if mine:
