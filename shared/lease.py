@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from shared import codec
 from shared.keys import Keys
@@ -58,6 +57,15 @@ class Done:
     entry_id: str
 
 
+def lease_keys(keys: Keys, session_id: str, job_id: str) -> list[str]:
+    """The KEYS of shared/lease.lua for one job: lease, text, token ids (one hash slot)."""
+    return [
+        keys.job_lease(session_id, job_id),
+        keys.job_text(session_id, job_id),
+        keys.job_token_ids(session_id, job_id),
+    ]
+
+
 class Leases:
     def __init__(self, redis: Redis, keys: Keys, *, ttl_s: float, keep_s: int) -> None:
         self._keys = keys
@@ -66,12 +74,7 @@ class Leases:
         self._script = load_script(redis, "lease")
 
     def _keys_of(self, session_id: str, job_id: str) -> list[str]:
-        k = self._keys
-        return [
-            k.job_lease(session_id, job_id),
-            k.job_text(session_id, job_id),
-            k.job_token_ids(session_id, job_id),
-        ]
+        return lease_keys(self._keys, session_id, job_id)
 
     async def acquire(
         self, session_id: str, job_id: str, *, owner: str, entry_id: str, space: str
@@ -111,16 +114,6 @@ class Leases:
             args=["renew", owner, fence.token, str(self.ttl_ms)],
         )
         return int(reply) == 1  # 2: the job ended under this fence, nothing left to renew
-
-    async def renew_in(
-        self, pipe: Pipeline, session_id: str, job_id: str, *, owner: str, fence: Fence
-    ) -> None:
-        """Queue a renewal on ``pipe`` (one round trip for all of a worker's jobs)."""
-        await self._script(
-            keys=self._keys_of(session_id, job_id),
-            args=["renew", owner, fence.token, str(self.ttl_ms)],
-            client=pipe,
-        )
 
     async def release(self, session_id: str, job_id: str, *, owner: str, fence: Fence) -> bool:
         """Hand the job back now, so another worker continues it without waiting for the TTL."""

@@ -89,33 +89,10 @@ class SessionPublisher:
         self._script = load_script(redis, "publish")
 
     async def publish(
-        self,
-        session_id: str,
-        events: Sequence[AnyEvent],
-        *,
-        job_id: str = "_",
-        text: str = "",
-        fence: Fence | None = None,
-        token_ids: Sequence[int] = (),
-        tokens: int = 0,
-        terminal: bool = False,
+        self, session_id: str, events: Sequence[AnyEvent], *, job_id: str = "_", text: str = ""
     ) -> tuple[str, int]:
-        """Publish ``events`` in order; returns the session epoch and the last event's offset.
-
-        With ``fence``, the events are one batch of the job's answer: ``text``, ``token_ids``
-        and ``tokens`` are appended to its progress, and ``terminal`` marks it finished. Raises
-        StaleFence or LostWrites instead of publishing when the lease says so.
-        """
-        result = await self.publish_batch(
-            session_id,
-            events,
-            job_id=job_id,
-            text=text,
-            fence=fence,
-            token_ids=token_ids,
-            tokens=tokens,
-            terminal=terminal,
-        )
+        """Publish ``events`` in order, unfenced; returns the epoch and the last event's offset."""
+        result = await self.publish_batch(session_id, events, job_id=job_id, text=text)
         return result.epoch, result.offset
 
     async def publish_batch(
@@ -130,6 +107,12 @@ class SessionPublisher:
         tokens: int = 0,
         terminal: bool = False,
     ) -> Published:
+        """Publish ``events`` in order; with ``fence``, as one batch of the job's answer.
+
+        ``text``, ``token_ids`` and ``tokens`` are appended to the job's progress and
+        ``terminal`` marks it finished. Raises StaleFence or LostWrites instead of publishing
+        when the lease says so.
+        """
         k = self._keys
         keys = [
             k.session_meta(session_id),

@@ -22,6 +22,7 @@ import redis
 from redis.exceptions import RedisError
 
 from shared.keys import JOBS_GROUP, Keys
+from shared.lease import lease_keys
 from shared.logs import log
 from shared.scripts import script_source
 
@@ -149,11 +150,7 @@ class LeaseKeeper:
         ttl = str(self._ttl_ms)
         pipe = self._client.pipeline(transaction=False)
         for h in held:
-            keys = [
-                self._keys.job_lease(h.session_id, h.job_id),
-                self._keys.job_text(h.session_id, h.job_id),
-                self._keys.job_token_ids(h.session_id, h.job_id),
-            ]
+            keys = lease_keys(self._keys, h.session_id, h.job_id)
             self._script(keys=keys, args=["renew", self._consumer, h.fence, ttl], client=pipe)
         results = pipe.execute() if held else []
         # Re-claiming its own entries resets their idle time, so XAUTOCLAIM's min-idle (the
