@@ -660,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     from shared.chaos.command import add_parser as add_chaos  # its imports only when needed
 
     add_chaos(sub)
+    from bench.command import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 
