@@ -44,7 +44,7 @@ def _runner(name: str) -> Callable[[argparse.Namespace], Section]:
 
         return run_fabric
     if name == "capacity":
-        from bench.fabric import run_capacity
+        from bench.capacity import run_capacity
 
         return run_capacity
     from bench.engine import run_engine
