@@ -32,7 +32,8 @@ from shared.close_codes import (
 from shared.codec import BadJson, parse_json
 from shared.jobs import get_record, request_cancel
 from shared.logs import log
-from shared.protocol import MAX_OFFSET, TERMINAL_TYPES, EventDict, Text
+from shared.protocol import TERMINAL_TYPES, EventDict, Text
+from shared.stream.position import MAX_OFFSET
 
 logger = logging.getLogger("tokenbus.gateway.ws")
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 JOBS_GROUP = "workers"
 #: Field of a jobs-stream entry that holds the encoded job (JSON text or msgpack).
 JOB_FIELD = "job"
-#: Field of a history-stream entry that holds the published event (JSON).
-HISTORY_FIELD = "e"
 #: Field of a session's meta hash: its own history TTL in seconds (publish.lua uses it).
 META_TTL_FIELD = "ttl"
 

@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 
 from shared import codec
 from shared.keys import Keys
-from shared.scripts import Fence, load_script, unpack_ids
+from shared.scripts import load_script, unpack_ids
+from shared.stream.publish import Fence
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,6 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 JOB_SCHEMA_VERSION: Literal[1] = 1
-#: Largest offset a client may name: offsets are the first half of Redis stream ids (64 bits).
-MAX_OFFSET = 2**63 - 1
 
 Role: TypeAlias = Literal["system", "user", "assistant", "tool"]
 DisconnectPolicy: TypeAlias = Literal["cancel", "continue"]

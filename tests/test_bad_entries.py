@@ -16,8 +16,9 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.codec import MAX_DEPTH, BadJob, decode_job, dump_event
-from shared.keys import HISTORY_FIELD, JOBS_GROUP, Keys
+from shared.keys import JOBS_GROUP, Keys
 from shared.settings import Settings
+from shared.stream.position import HISTORY_FIELD
 from tests.servers import running_worker
 
 WAIT_S = 30.0  # a failsafe for hung tests, never a speed requirement

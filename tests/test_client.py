@@ -26,9 +26,10 @@ from shared.client import (
     _SseLink,
 )
 from shared.embedded_redis import free_port
-from shared.keys import HISTORY_FIELD, Keys
+from shared.keys import Keys
 from shared.protocol import ChatMessage, Job, SamplingParams
 from shared.settings import Settings
+from shared.stream.position import HISTORY_FIELD
 from tests.servers import running_worker, settings_env, stack, wait_ready
 from workers.synthetic import synthetic_text
 

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from shared.close_codes import CLOSE_DRAINING
 from shared.keys import Keys
 from shared.protocol import Delta, StreamEnd, StreamStart
-from shared.scripts import SessionPublisher
+from shared.stream.publish import SessionPublisher
 from shared.settings import Settings
 from tests.clients import (
     answer_text,

@@ -14,8 +14,9 @@ import aiohttp
 from redis.asyncio import Redis
 
 from shared.jobs import claim_idempotency_key, named_job
-from shared.keys import HISTORY_FIELD, Keys
+from shared.keys import Keys
 from shared.settings import Settings
+from shared.stream.position import HISTORY_FIELD
 from tests.clients import answer_text, follow, read_sse_until, ws_receive_until
 from tests.servers import (
     auth,

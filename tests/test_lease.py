@@ -15,18 +15,12 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.codec import text as text_of
-from shared.keys import HISTORY_FIELD, META_TTL_FIELD, Keys, Lease
+from shared.keys import META_TTL_FIELD, Keys, Lease
 from shared.lease import Acquired, Busy, Done, Leases
 from shared.protocol import Delta, StreamEnd, StreamStart
-from shared.scripts import (
-    Fence,
-    LostWrites,
-    Published,
-    SessionPublisher,
-    StaleFence,
-    pack_ids,
-    unpack_ids,
-)
+from shared.scripts import pack_ids, unpack_ids
+from shared.stream.position import HISTORY_FIELD
+from shared.stream.publish import Fence, LostWrites, Published, SessionPublisher, StaleFence
 
 SID, JID = "sess-lease", "job-lease"
 SPACE = "engine:model-a"

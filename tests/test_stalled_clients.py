@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from shared.keys import Keys
 from shared.protocol import Delta, StreamStart
-from shared.scripts import SessionPublisher
+from shared.stream.publish import SessionPublisher
 from shared.settings import Settings
 from tests.servers import running_gateway
 

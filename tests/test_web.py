@@ -25,8 +25,9 @@ from shared.close_codes import CLOSE_DRAINING
 from shared.codec import text
 from shared.embedded_redis import free_port
 from shared.jobs import get_record
-from shared.keys import HISTORY_FIELD, Keys
+from shared.keys import Keys
 from shared.settings import Settings
+from shared.stream.position import HISTORY_FIELD
 from tests.conftest import report
 from tests.servers import running_worker, settings_env, stack, wait_ready
 

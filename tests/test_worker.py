@@ -19,11 +19,13 @@ from redis.typing import EncodableT, FieldT
 
 from shared.conversation import Exchange
 from shared.jobs import get_record, request_cancel
-from shared.keys import HISTORY_FIELD, JOBS_GROUP, Keys
+from shared.keys import JOBS_GROUP, Keys
 from shared.protocol import TERMINAL_TYPES, Job
-from shared.scripts import SessionPublisher
 from shared.settings import Settings
+from shared.stream.position import HISTORY_FIELD
+from shared.stream.publish import SessionPublisher
 from tests.dying_engine import DiesAfter
+from workers.batcher import PublishBatcher
 from workers.consumer import Worker
 from workers.engine import EngineDelta, EngineError
 from workers.publisher import JobPublisher
@@ -197,7 +199,8 @@ async def test_publisher_flushes_a_trailing_batch_without_a_next_token(
 ) -> None:
     sessions = SessionPublisher(redis, keys, history_maxlen=100, ttl_s=60)
     job = Job(id="job-pub", session_id="sess-pub", prompt="p")
-    pub = JobPublisher(sessions, job, model="m", window_ms=20)
+    batcher = PublishBatcher(sessions, max_window_ms=20, hold_s=5)
+    pub = JobPublisher(batcher, job, model="m")
     await pub.start()
     await pub.add(EngineDelta("a", 1, 1.0))
     await pub.add(EngineDelta(" b", 1, 2.0))
@@ -222,6 +225,7 @@ async def test_publisher_flushes_a_trailing_batch_without_a_next_token(
     assert text == b"a b c d"
     with pytest.raises(RuntimeError):
         await pub.end("stop")
+    await batcher.close()
 
 
 # Bad entries

@@ -25,8 +25,9 @@ from shared.lease import Leases
 from shared.logs import log
 from shared.protocol import Job
 from shared.redis_client import connect
-from shared.scripts import SessionPublisher
 from shared.settings import Settings
+from shared.stream.publish import SessionPublisher
+from workers.batcher import PublishBatcher
 from workers.control import control_tail, read_control
 from workers.deadletter import refuse
 from workers.engine import Engine, EngineDelta
@@ -81,6 +82,11 @@ class Worker:
             self.keys,
             history_maxlen=settings.history_maxlen,
             ttl_s=settings.history_ttl_s,
+        )
+        self.batcher = PublishBatcher(
+            self.sessions,
+            max_window_ms=settings.batch_window_ms,
+            hold_s=settings.outage_hold_s,
         )
         self.leases = Leases(
             self.redis, self.keys, ttl_s=settings.lease_ttl_s, keep_s=settings.history_ttl_s
@@ -218,6 +224,7 @@ class Worker:
             log(logger, "engine_close_failed", logging.ERROR, error=repr(exc))
         with contextlib.suppress(RedisError):
             await self.redis.delete(self.keys.worker(self.consumer))
+        await self.batcher.close()
         await self._blocking.aclose()
         await self.redis.aclose()
         log(logger, "worker_stopped", consumer=self.consumer)

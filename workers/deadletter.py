@@ -15,8 +15,8 @@ from shared.jobs import set_state
 from shared.keys import JOBS_GROUP, Keys
 from shared.logs import log
 from shared.protocol import Error
-from shared.scripts import SessionPublisher
 from shared.settings import Settings
+from shared.stream.publish import SessionPublisher
 from workers.intake import fields_json
 
 logger = logging.getLogger("tokenbus.worker")

@@ -26,7 +26,7 @@ from shared.lease import Acquired, Busy, Done, Progress
 from shared.logs import log
 from shared.outage import is_transient, ride_out
 from shared.protocol import Error, FinishReason, Job
-from shared.scripts import Fence, LostWrites, StaleFence
+from shared.stream.publish import Fence, LostWrites, StaleFence
 from workers.deadletter import dead_letter
 from workers.engine import EngineDead, EngineDelta, EngineError
 from workers.intake import Fields
@@ -159,10 +159,9 @@ class JobRunner:
             await self._remember(answer, finish)
 
         pub = JobPublisher(
-            w.sessions,
+            w.batcher,
             job,
             model=settings.model,
-            window_ms=settings.batch_window_ms,
             fence=lease.fence,
             hold_s=settings.outage_hold_s,
             prefix=progress.text,

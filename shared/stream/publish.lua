@@ -10,13 +10,18 @@
 -- Returns {"ok", epoch, last offset}, {"dup", epoch, offset} (this batch was applied
 -- already: a retry after a lost reply), {"stale", current fence} (the job moved on), or
 -- {"gap", epoch, offset} (Redis lost batches this attempt had published: a new epoch).
+-- This runs once per job per flush on a busy worker: every redis.call here is paid per batch.
 local meta, hist, chan = KEYS[1], KEYS[2], KEYS[3]
 local text_key, lease, ids_key = KEYS[4], KEYS[5], KEYS[6]
 local maxlen = ARGV[2]
--- A session may carry its own TTL (short-lived OpenAI-route sessions).
-local ttl = tonumber(redis.call('HGET', meta, 'ttl') or ARGV[3])
 local fence = ARGV[5]
 local FIRST = 10
+local m = redis.call('HMGET', meta, 'epoch', 'offset', 'ttl')
+-- A session may carry its own TTL (short-lived OpenAI-route sessions).
+local ttl = tonumber(m[3] or ARGV[3])
+-- Expiries move with activity. Refreshing them on a long job's every batch buys nothing: a
+-- fenced job refreshes on its first, every 16th and its last batch (short TTLs: always).
+local refresh = true
 
 local function new_epoch()
   -- As for a new session: followers see another epoch and resync; old positions mean nothing.
@@ -38,7 +43,7 @@ if fence ~= '' then
   end
   local seq, have = tonumber(ARGV[6]), tonumber(l[2] or '0')
   if seq <= have then
-    return {'dup', redis.call('HGET', meta, 'epoch') or '', redis.call('HGET', meta, 'offset') or '0'}
+    return {'dup', m[1] or '', m[2] or '0'}
   end
   if l[3] == '1' then
     return {'stale', l[1]}
@@ -48,38 +53,49 @@ if fence ~= '' then
     -- clients may hold offsets that will now be reused, so they must resync.
     return {'gap', new_epoch(), '0'}
   end
-  redis.call('HSET', lease, F.seq, seq, F.started, '1')
+  refresh = seq == 1 or seq % 16 == 0 or ARGV[9] == '1' or ttl < 600
   if ARGV[9] == '1' then
-    redis.call('HSET', lease, F.done, '1', F.owner, '')
+    redis.call('HSET', lease, F.seq, seq, F.started, '1', F.done, '1', F.owner, '')
+  else
+    redis.call('HSET', lease, F.seq, seq, F.started, '1')
   end
   if ARGV[8] ~= '0' then
     redis.call('HINCRBY', lease, F.tokens, ARGV[8])
   end
   if ARGV[7] ~= '' then
-    redis.call('APPEND', ids_key, ARGV[7])
-    redis.call('EXPIRE', ids_key, ttl)
+    -- A key this APPEND creates gets its expiry at once, whatever the batch.
+    if redis.call('APPEND', ids_key, ARGV[7]) == #ARGV[7] or refresh then
+      redis.call('EXPIRE', ids_key, ttl)
+    end
   end
-  redis.call('EXPIRE', lease, ttl)
+  if refresh then
+    redis.call('EXPIRE', lease, ttl)
+  end
 end
 
-local epoch = redis.call('HGET', meta, 'epoch')
+local epoch = m[1]
+local off = tonumber(m[2])
 if not epoch then
   -- New (or expired) session: a new epoch, offsets restart, stale history goes.
   epoch = ARGV[1]
   redis.call('DEL', hist)
-  redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+  off = 0
+  refresh = true
 end
-local off = tonumber(redis.call('HGET', meta, 'offset'))
 for i = FIRST, #ARGV do
-  off = redis.call('HINCRBY', meta, 'offset', 1)
+  off = off + 1
   local msg = '{"epoch":"' .. epoch .. '","offset":' .. off .. ',' .. string.sub(ARGV[i], 2)
   redis.call('XADD', hist, 'MAXLEN', '~', maxlen, off .. '-0', 'e', msg)
   redis.call('PUBLISH', chan, msg)
 end
-redis.call('EXPIRE', meta, ttl)
-redis.call('EXPIRE', hist, ttl)
+redis.call('HSET', meta, 'epoch', epoch, 'offset', off)
+if refresh then
+  redis.call('EXPIRE', meta, ttl)
+  redis.call('EXPIRE', hist, ttl)
+end
 if ARGV[4] ~= '' then
-  redis.call('APPEND', text_key, ARGV[4])
-  redis.call('EXPIRE', text_key, ttl)
+  if redis.call('APPEND', text_key, ARGV[4]) == #ARGV[4] or refresh then
+    redis.call('EXPIRE', text_key, ttl)
+  end
 end
 return {'ok', epoch, off}

@@ -1,0 +1,144 @@
+"""The worker's publish path: every running job's pending events leave together, once a tick.
+
+A job's publisher (``workers.publisher.JobPublisher``) buffers what its engine says and marks
+itself ready here. One task takes a batch from every ready job and sends them all in one round
+trip (``SessionPublisher.publish_many``: a pipeline of one script call per session), so a busy
+worker pays one round trip per tick instead of one per job per window.
+
+The tick adapts: the next flush starts no sooner than ``window`` after the last one began, and
+the window grows with the number of jobs the last flush carried (up to ``max_window_ms`` at
+``saturate_jobs``): an idle worker publishes at once, a busy one coalesces more tokens into each
+call. Urgent batches (a job's start, its first token, its end) cut the wait short and go first.
+Only one flush is in flight at a time, so a job's batches land in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from shared.logs import log
+from shared.outage import ride_out
+from shared.stream.publish import Batch, Published, SessionPublisher
+
+logger = logging.getLogger("tokenbus.worker.batcher")
+
+
+class Source(Protocol):
+    """What the batcher flushes: a job's publisher."""
+
+    def take(self) -> Batch | None:
+        """The batch to send now (None: nothing, or a batch of it is still in flight)."""
+
+    def landed(self, batch: Batch, result: Published | BaseException) -> None:
+        """``batch`` was applied (``Published``) or failed; called once per taken batch."""
+
+
+class PublishBatcher:
+    def __init__(
+        self,
+        sessions: SessionPublisher,
+        *,
+        max_window_ms: float,
+        hold_s: float,
+        saturate_jobs: int = 64,
+    ) -> None:
+        self._sessions = sessions
+        self._max_window = max(max_window_ms, 0.0) / 1000.0
+        self._hold_s = hold_s
+        self._saturate = max(saturate_jobs, 1)
+        # dicts as ordered sets: first come, first flushed
+        self._ready: dict[Source, None] = {}
+        self._urgent: dict[Source, None] = {}
+        self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_start = 0.0
+        self.window = 0.0  # seconds; the current coalescing window
+        self.flushes = 0
+        self.batches = 0
+
+    def ready(self, source: Source, *, urgent: bool = False) -> None:
+        """``source`` has something to publish; ``urgent``: in the very next flush."""
+        if self._closed:
+            raise RuntimeError("the worker's publisher is closed")
+        if urgent:
+            self._urgent[source] = None
+            self._hurry.set()
+        else:
+            self._ready[source] = None
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="publish-batcher")
+
+    def forget(self, source: Source) -> None:
+        self._ready.pop(source, None)
+        self._urgent.pop(source, None)
+
+    async def close(self) -> None:
+        """Stop flushing; whoever still waits for a batch to land is told it never will."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        left = [*self._urgent, *self._ready]
+        self._urgent.clear()
+        self._ready.clear()
+        for source in left:
+            batch = source.take()
+            if batch is not None:
+                source.landed(batch, RuntimeError("the worker's publisher closed"))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._ready and not self._urgent:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = self._last_start + self.window - loop.time()
+            if delay > 0 and not self._urgent:
+                self._hurry.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._hurry.wait()
+            sources = [*self._urgent, *(s for s in self._ready if s not in self._urgent)]
+            self._urgent.clear()
+            self._ready.clear()
+            taken: list[tuple[Source, Batch]] = []
+            for source in sources:
+                batch = source.take()
+                if batch is not None:
+                    taken.append((source, batch))
+            if not taken:
+                continue
+            self._last_start = loop.time()
+            await self._flush(taken)
+            self.window = self._max_window * min(1.0, len(taken) / self._saturate)
+
+    async def _flush(self, taken: list[tuple[Source, Batch]]) -> None:
+        batches = [batch for _, batch in taken]
+        self.flushes += 1
+        self.batches += len(batches)
+        results: list[Published | Exception]
+        try:
+            results = await ride_out(
+                lambda: self._sessions.publish_many(batches), hold_s=self._hold_s
+            )
+        except asyncio.CancelledError:
+            for source, batch in taken:
+                source.landed(batch, RuntimeError("the worker's publisher closed"))
+            raise
+        except Exception as exc:  # Redis gone past hold_s, or a bug: every job hears of it
+            log(logger, "publish_failed", logging.WARNING, batches=len(batches), error=str(exc))
+            results = [exc] * len(batches)
+        for (source, batch), result in zip(taken, results, strict=True):
+            try:
+                source.landed(batch, result)
+            except Exception:  # one job's bookkeeping never stops the others' publishing
+                logger.exception("publish result handler failed")
