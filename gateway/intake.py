@@ -71,11 +71,21 @@ def request_digest(request: PromptRequest, model: str) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+#: Seconds a reading of a model's heartbeat or queue depth answers later job POSTs.
+FRESH_S = 0.5
+
+
 class Intake:
     def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self._redis = redis
         self._keys = keys
         self._settings = settings
+        # A job POST is one round trip (the enqueue) while the checks before it can be answered
+        # from what this gateway read moments ago: a model's last heartbeat (only ever a
+        # lower bound of the real one) and a queue depth far below its limit, plus the jobs
+        # enqueued here since. Near the limit, or once a reading is old, Redis is asked again.
+        self._alive: dict[str, tuple[float, float]] = {}  # model: (heartbeat, read at)
+        self._depth: dict[str, tuple[int, float]] = {}  # model: (depth + enqueued since, read at)
 
     async def live_models(self) -> dict[str, float]:
         """Models some worker announced recently, with the time it last did."""
@@ -87,11 +97,16 @@ class Intake:
         return {m.decode(): float(t) for m, t in rows}
 
     async def check_model(self, model: str) -> None:
+        oldest = time.time() - 3 * self._settings.heartbeat_s
+        cached = self._alive.get(model)
+        if cached is not None and cached[0] >= oldest and time.monotonic() - cached[1] < FRESH_S:
+            return
         seen = await self._redis.zscore(self._keys.models, model)
         if seen is None:
             raise ApiError(404, "model_not_found", f"no worker has ever served model '{model}'")
-        if seen < time.time() - 3 * self._settings.heartbeat_s:
+        if seen < oldest:
             raise ApiError(503, "no_worker", f"no live worker serves model '{model}' right now")
+        self._alive[model] = (seen, time.monotonic())
 
     async def submit(self, session_id: str, request: PromptRequest) -> Job:
         """Enqueue ``request`` as a new job (its idempotency key, if any, is honoured)."""
@@ -125,8 +140,14 @@ class Intake:
 
     async def _check_capacity(self, model: str) -> None:
         await self.check_model(model)
-        if await queue_depth(self._redis, self._keys, model) >= self._settings.max_queue_depth:
+        limit = self._settings.max_queue_depth
+        cached = self._depth.get(model)
+        if cached is not None and cached[0] < limit // 2 and time.monotonic() - cached[1] < FRESH_S:
+            return
+        depth = await queue_depth(self._redis, self._keys, model)
+        if depth >= limit:
             raise ApiError(429, "overloaded", f"the queue for '{model}' is full; retry later")
+        self._depth[model] = (depth, time.monotonic())
 
     @staticmethod
     def _idempotency_key(header: str | None, field: str | None) -> tuple[str, str] | None:
@@ -201,6 +222,9 @@ class Intake:
 
     async def _enqueue(self, job: Job, model: str) -> None:
         s = self._settings
+        cached = self._depth.get(model)
+        if cached is not None:  # counted as queued until the next reading says otherwise
+            self._depth[model] = (cached[0] + 1, cached[1])
         await enqueue(
             self._redis,
             self._keys,
