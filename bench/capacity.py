@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench.fabric import SYSTEMS, progress, run_one, trial
@@ -73,7 +73,7 @@ def step_trial(system: str, streams: int, rate: float, args: argparse.Namespace)
     t = trial(system, "sse", Load(streams, tokens, rate, args.ttft_ms), args)
     # Posted over half the answer's length: every stream is open and answering for the
     # other half; a few seconds of slack, so that a step far past capacity ends soon.
-    return Trial(**{**t.__dict__, "ramp_s": args.capacity_step_s / 2, "slack_s": 15.0})
+    return replace(t, ramp_s=args.capacity_step_s / 2, slack_s=15.0)
 
 
 def climb(rate: float, args: argparse.Namespace) -> dict[str, Climb]:

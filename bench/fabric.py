@@ -14,6 +14,7 @@ import asyncio
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from bench.report import Section, grid, median, ratio
@@ -29,6 +30,8 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("added latency p50 ms", "latency_p50_ms"),
     ("added latency p99 ms", "latency_p99_ms"),
     ("added latency max ms", "latency_max_ms"),
+    ("token lateness p50 ms", "lateness_p50_ms"),
+    ("token lateness p99 ms", "lateness_p99_ms"),
     ("TTFT p50 ms", "ttft_p50_ms"),
     ("TTFT p99 ms", "ttft_p99_ms"),
     ("job POST p50 ms", "post_p50_ms"),
@@ -45,6 +48,7 @@ METRICS: tuple[tuple[str, str], ...] = (
 #: Summed over repeats, not medians: one lost token in any run is one too many.
 COUNTS: tuple[tuple[str, str], ...] = (
     ("streams completed", "completed"),
+    ("streams unfinished at the deadline", "unfinished"),
     ("lost tokens", "lost"),
     ("duplicated tokens", "duplicated"),
     ("jobs refused (429/503)", "refused"),
@@ -63,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clients", type=int, default=4, help="client processes driving load (4)")
     g.add_argument("--workers", type=int, default=1, help="tokenbus synthetic workers (1)")
     g.add_argument("--ramp", type=float, default=1.0, help="seconds over which jobs are posted")
+    g.add_argument(
+        "--slack",
+        type=float,
+        default=120.0,
+        help="fabric: seconds past an answer's own length before a stream is given up (120)",
+    )
     g.add_argument(
         "--capacity-max", type=int, default=4000, help="capacity: most streams tried (4000)"
     )
@@ -96,6 +106,7 @@ def trial(system: str, transport: str, load: Load, args: argparse.Namespace) -> 
         clients=args.clients,
         ramp_s=args.ramp,
         workers=args.workers,
+        slack_s=args.slack,
     )
 
 
@@ -118,8 +129,7 @@ def run_fabric(args: argparse.Namespace) -> Section:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for transport in transports:
         if args.profile:
-            profiled = trial("tokenbus", transport, load, args)
-            profiled = Trial(**{**profiled.__dict__, "profile_dir": args.profile})
+            profiled = replace(trial("tokenbus", transport, load, args), profile_dir=args.profile)
             run_one(profiled, f"{transport} profiled (py-spy, not reported)")
         for r in range(args.repeats):
             order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
@@ -168,7 +178,9 @@ def fabric_section(
         f"tokenbus: Redis + 1 gateway + {args.workers} worker(s); baseline: bench/baseline.py, "
         "one aiohttp process running the same engine in-process.",
         "added latency: client receive time - the delta's t (when the engine emitted it); "
-        "TTFT: job POST sent -> first delta received; counts are summed over repeats.",
+        "TTFT: job POST sent -> first delta received; token lateness: receive time - when the "
+        "token was due had the answer started at its POST (TTFT, then the rate); counts are "
+        "summed over repeats.",
     ]
     errors = {e for f in (x for v in runs.values() for x in v) for e in f["errors"]}
     notes += [f"error: {e}" for e in sorted(errors)[:5]]

@@ -48,6 +48,8 @@ class Spec:
     tokens: int  # per answer
     ramp_s: float  # jobs are posted over this long, stream i at i / streams * ramp_s
     timeout_s: float  # after the start, streams not ended by then are given up
+    rate: float = 0.0  # tokens/s of each answer, for when each token was due
+    ttft_ms: float = 0.0
 
 
 def prompt(i: int) -> str:
@@ -60,6 +62,16 @@ def expected_text(session_id: str, i: int, tokens: int) -> str:
         {"session_id": session_id, "prompt": prompt(i), "sampling": {"seed": i}}
     )
     return "".join(synthetic_text(job, tokens))
+
+
+class Samples:
+    """Per-delta samples, compact (µs as machine integers)."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.latency: array[int] = array("l")  # client receive time - the delta's "t"
+        self.lateness: array[int] = array("l")  # receive time - when its last token was due
+        self.ttft_s = spec.ttft_ms / 1000
+        self.interval_s = 1 / spec.rate if spec.rate > 0 else 0.0
 
 
 class Stream:
@@ -104,7 +116,7 @@ class Stream:
         self.error = ""
         self.reader: Any = None  # the open SSE response or WebSocket
 
-    def take(self, event: dict[str, Any], now: float, latencies: array[int]) -> None:
+    def take(self, event: dict[str, Any], now: float, samples: Samples) -> None:
         kind = event.get("type")
         offset = event.get("offset")
         if isinstance(offset, int) and kind not in ("connected", "resync"):
@@ -119,7 +131,10 @@ class Stream:
             self.parts.append(event["delta"])
             self.tokens += int(event.get("tokens", 1))
             self.events += 1
-            latencies.append(int((now - float(event["t"])) * 1e6))
+            samples.latency.append(int((now - float(event["t"])) * 1e6))
+            # Due: had the job started when it was posted, and run on the engine's schedule.
+            due = self.posted_at + samples.ttft_s + (self.tokens - 1) * samples.interval_s
+            samples.lateness.append(int((now - due) * 1e6))
             if not self.first_delta_at:
                 self.first_delta_at = now
         elif kind == "stream_end" or (kind == "error" and event.get("job_id")):
@@ -134,7 +149,7 @@ class Client:
         self.spec = spec
         self.http = http
         self.streams: list[Stream] = []
-        self.latencies: array[int] = array("l")  # µs, client receive time - delta's "t"
+        self.samples = Samples(spec)
         self.errors: list[str] = []
         self.refused = 0
 
@@ -182,7 +197,7 @@ class Client:
             for block in blocks:
                 for line in block.split(b"\n"):
                     if line.startswith(b"data:"):
-                        s.take(json.loads(line[5:]), now, self.latencies)
+                        s.take(json.loads(line[5:]), now, self.samples)
             if s.ended:
                 return
         s.error = s.error or "SSE stream ended early"
@@ -191,7 +206,7 @@ class Client:
         async for msg in s.reader:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 break
-            s.take(json.loads(msg.data), time.time(), self.latencies)
+            s.take(json.loads(msg.data), time.time(), self.samples)
             if s.ended:
                 return
         s.error = s.error or f"WebSocket closed ({s.reader.close_code})"
@@ -278,7 +293,7 @@ async def run(spec: Spec) -> dict[str, Any]:
 
 def _results(client: Client, start_at: float, finished_at: float, cpu: float) -> dict[str, Any]:
     spec = client.spec
-    lost = duplicated = bad = completed = 0
+    lost = duplicated = completed = unfinished = 0
     for s in client.streams:
         want = expected_text(s.session_id, s.index, spec.tokens)
         got = "".join(s.parts)
@@ -286,16 +301,17 @@ def _results(client: Client, start_at: float, finished_at: float, cpu: float) ->
         if got == want and s.ended and not s.error:
             completed += 1
             continue
-        bad += 1
-        words_want, words_got = want.split(" "), got.split(" ")
+        words_want, words_got = want.split(" "), got.split(" ") if got else []
         same = 0
         while same < min(len(words_want), len(words_got)) and words_want[same] == words_got[same]:
             same += 1
-        if got:
+        if s.ended:  # the answer is over: what it lacks is lost
             lost += len(words_want) - same
-            duplicated += max(0, len(words_got) - len(words_want)) if got.startswith(want) else 0
-        else:
-            lost += spec.tokens
+        else:  # cut off or still running at the deadline: lost only what came wrong
+            unfinished += 1
+            lost += max(0, min(len(words_got), len(words_want)) - same)
+        if got.startswith(want):
+            duplicated += len(words_got) - len(words_want)
         if s.error and len(client.errors) < 5:
             client.errors.append(s.error)
     ends = [s.end_at for s in client.streams if s.end_at]
@@ -303,14 +319,15 @@ def _results(client: Client, start_at: float, finished_at: float, cpu: float) ->
         "client": spec.client,
         "streams": len(client.streams),
         "completed": completed,
-        "bad_streams": bad,
+        "unfinished": unfinished,
         "tokens": sum(s.tokens for s in client.streams),
         "events": sum(s.events for s in client.streams),
         "lost": lost,
         "duplicated": duplicated,
         "duplicate_events": sum(s.duplicates for s in client.streams),
         "refused": client.refused,
-        "latency_us": client.latencies.tolist(),
+        "latency_us": client.samples.latency.tolist(),
+        "lateness_us": client.samples.lateness.tolist(),
         "ttft_ms": [
             round((s.first_delta_at - s.posted_at) * 1e3, 2)
             for s in client.streams

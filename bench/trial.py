@@ -86,19 +86,10 @@ class _ClientProc:
                 self.proc.kill()
 
 
-async def _start_clients(trial: Trial, url: str, workdir: str) -> list[_ClientProc]:
+async def _spawn_clients(trial: Trial, workdir: str) -> list[_ClientProc]:
+    """Client processes, importing while the system starts; each waits for its spec."""
     clients = []
     for n in range(trial.clients):
-        spec = Spec(
-            url=url,
-            transport=trial.transport,
-            client=n,
-            clients=trial.clients,
-            streams=trial.load.streams,
-            tokens=trial.load.tokens,
-            ramp_s=trial.ramp_s,
-            timeout_s=trial.timeout_s,
-        )
         log_path = f"{workdir}/client-{n}.log"
         with await asyncio.to_thread(open, log_path, "wb") as log:
             proc = await asyncio.create_subprocess_exec(
@@ -110,10 +101,25 @@ async def _start_clients(trial: Trial, url: str, workdir: str) -> list[_ClientPr
                 stderr=log,
                 limit=LINE_LIMIT,
             )
-        client = _ClientProc(proc, log_path)
-        clients.append(client)
-        await client.send(json.dumps(asdict(spec)))
+        clients.append(_ClientProc(proc, log_path))
     return clients
+
+
+async def _send_specs(trial: Trial, url: str, clients: list[_ClientProc]) -> None:
+    for n, client in enumerate(clients):
+        spec = Spec(
+            url=url,
+            transport=trial.transport,
+            client=n,
+            clients=trial.clients,
+            streams=trial.load.streams,
+            tokens=trial.load.tokens,
+            ramp_s=trial.ramp_s,
+            timeout_s=trial.timeout_s,
+            rate=trial.load.rate,
+            ttft_ms=trial.load.ttft_ms,
+        )
+        await client.send(json.dumps(asdict(spec)))
 
 
 async def run_trial(trial: Trial) -> dict[str, Any]:
@@ -127,20 +133,19 @@ async def run_trial(trial: Trial) -> dict[str, Any]:
             system = BaselineServer(workdir, trial.load)
         clients: list[_ClientProc] = []
         try:
+            clients.extend(await _spawn_clients(trial, workdir))
             await system.start()
-            return await _measure(trial, system, workdir, clients)
+            return await _measure(trial, system, clients)
         finally:
             for client in clients:
                 client.kill()
             await asyncio.to_thread(system.stop)
 
 
-async def _measure(
-    trial: Trial, system: System, workdir: str, clients: list[_ClientProc]
-) -> dict[str, Any]:
+async def _measure(trial: Trial, system: System, clients: list[_ClientProc]) -> dict[str, Any]:
     rss_pid = system.procs[system.rss_proc].pid
     rss_before = rss_bytes(rss_pid)
-    clients.extend(await _start_clients(trial, system.url, workdir))
+    await _send_specs(trial, system.url, clients)
     setup_s = 60 + trial.load.streams / 20
     await asyncio.gather(*(c.expect("ready", setup_s) for c in clients))
     pids = {name: proc.pid for name, proc in system.procs.items()}
@@ -177,6 +182,7 @@ def _figures(
     duration = max(r["last_end"] for r in results) - start_at
     tokens = total("tokens")
     latency = [v / 1000 for v in merged("latency_us")]  # ms
+    lateness = [v / 1000 for v in merged("lateness_us")]
     ttft, post = merged("ttft_ms"), merged("post_ms")
     server_cpu = sum(v for v in cpu.values() if not math.isnan(v))
     figures: dict[str, Any] = {
@@ -186,6 +192,7 @@ def _figures(
         "tokens_per_stream": trial.load.tokens,
         "rate": trial.load.rate,
         "completed": total("completed"),
+        "unfinished": total("unfinished"),
         "tokens": tokens,
         "events": total("events"),
         "lost": total("lost"),
@@ -197,6 +204,8 @@ def _figures(
         "latency_p50_ms": percentile(latency, 50),
         "latency_p99_ms": percentile(latency, 99),
         "latency_max_ms": latency[-1] if latency else math.nan,
+        "lateness_p50_ms": percentile(lateness, 50),
+        "lateness_p99_ms": percentile(lateness, 99),
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p99_ms": percentile(ttft, 99),
         "post_p50_ms": percentile(post, 50),
