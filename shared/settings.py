@@ -146,7 +146,10 @@ class Settings(BaseSettings):
     worker_slots: int = Field(64, description="Jobs a worker runs at once.")
     worker_id: str = Field("", description="Consumer name of a worker (default: host-pid).")
     batch_window_ms: float = Field(
-        15.0, description="Window over which deltas after the first are coalesced."
+        15.0,
+        description="Longest a worker waits between publish flushes to coalesce deltas: the "
+        "wait grows from 0 with the jobs a flush carries, to this at 64 (a job's start, first "
+        "token and end never wait).",
     )
     block_ms: int = Field(2_000, description="XREADGROUP BLOCK time of a worker.")
     heartbeat_s: float = Field(5.0, description="Seconds between worker heartbeats.")
