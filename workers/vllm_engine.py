@@ -106,6 +106,8 @@ class VllmEngine:
         self.max_model_len = 0
         self._requests: dict[str, str] = {}  # job id -> vLLM request id
         self._space = f"vllm:{settings.model}"
+        #: Token id -> whether its text alone is whole characters (see _ends_mid_character).
+        self._whole: dict[int, bool] = {}
 
     @property
     def token_space(self) -> str:
@@ -243,6 +245,20 @@ class VllmEngine:
         tail = str(self._tokenizer.decode(list(ids[-4:]), skip_special_tokens=True))
         return tail.endswith("\ufffd")
 
+    def _ends_mid_character(self, ids: Sequence[int]) -> bool:
+        """``_mid_character`` for the streaming loop, without a decode per token.
+
+        A token whose text alone is whole characters ends on a character boundary whatever came
+        before it, so only the few tokens that hold part of a character pay for the full check.
+        Each token id is decoded alone once (the answer is cached by id, at most the vocabulary).
+        """
+        last = ids[-1]
+        whole = self._whole.get(last)
+        if whole is None:
+            text = str(self._tokenizer.decode([last], skip_special_tokens=True))
+            whole = self._whole[last] = "\ufffd" not in text
+        return not whole and self._mid_character(ids)
+
     def sampling_params(self, job: Job, room: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -330,7 +346,7 @@ class VllmEngine:
                     ids = pending_ids + tuple(output.token_ids)
                     n = len(ids)
                     if not out.finished:
-                        if ids and self._mid_character(ids):
+                        if ids and self._ends_mid_character(ids):
                             pending_text, pending_ids = text, ids
                             continue
                         pending_text, pending_ids = "", ()
