@@ -11,8 +11,9 @@ never measured:
 2. it opens every session and stream, then prints ``ready``;
 3. stdin, one line: the wall-clock time to start at; from then its jobs are posted, spread
    over ``ramp_s`` by their global index;
-4. once every stream ended (or the deadline passed) it prints ``finished``, then one JSON line
-   of results (:func:`_results`); the work after ``finished`` (checking the text received
+4. once every stream ended (or the deadline passed) it prints ``finished``, then writes its
+   results (:func:`_results`, JSON) to ``results_path`` and prints ``done`` (or, with no
+   path, prints them as one line); the work after ``finished`` (checking the text received
    against the answer the synthetic engine must give) is outside the measured interval.
 """
 
@@ -50,6 +51,7 @@ class Spec:
     timeout_s: float  # after the start, streams not ended by then are given up
     rate: float = 0.0  # tokens/s of each answer, for when each token was due
     ttft_ms: float = 0.0
+    results_path: str = ""  # where the results go (JSON); nothing: stdout
 
 
 def prompt(i: int) -> str:
@@ -359,7 +361,13 @@ def main() -> None:
         runner = asyncio.Runner()
     with runner:
         results = runner.run(run(spec))
-    _say(json.dumps(results, separators=(",", ":")))
+    text = json.dumps(results, separators=(",", ":"))
+    if spec.results_path:
+        with open(spec.results_path, "w") as f:
+            f.write(text)
+        _say("done")
+    else:
+        _say(text)
 
 
 if __name__ == "__main__":

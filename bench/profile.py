@@ -67,7 +67,7 @@ def stop(recorders: list[Recorder]) -> None:
                 f.write(summary)
 
 
-def summarize(path: str, top: int = 30) -> str:
+def summarize(path: str, top: int = 40) -> str:
     """The functions most often on the CPU in a speedscope profile, own and inclusive."""
     with open(path) as f:
         doc = json.load(f)
@@ -89,7 +89,9 @@ def summarize(path: str, top: int = 30) -> str:
         where = os.path.basename(str(frame.get("file", "")))
         return f"{frame.get('name')} ({where}:{frame.get('line', '')})"
 
-    lines = [f"{path}: {total} samples at {RATE_HZ} Hz", "", "own %  function"]
+    unit = doc["profiles"][0].get("unit", "") if doc["profiles"] else ""
+    sampled = f"{total:.1f} s of samples" if unit == "seconds" else f"{total} samples"
+    lines = [f"{path}: {sampled}, sampled at {RATE_HZ} Hz", "", "own %  function"]
     lines += [f"{100 * n / total:5.1f}  {name(i)}" for i, n in own.most_common(top)]
     lines += ["", "incl % function"]
     lines += [f"{100 * n / total:5.1f}  {name(i)}" for i, n in inclusive.most_common(top)]

@@ -22,9 +22,6 @@ from bench.load import Spec, raise_nofile
 from bench.measure import cpu_seconds, percentile, rss_bytes
 from bench.stack import BaselineServer, Load, System, TokenbusStack
 
-#: Biggest line a client prints (its results, latency samples included).
-LINE_LIMIT = 1 << 28
-
 
 @dataclass(frozen=True)
 class Trial:
@@ -55,6 +52,7 @@ class _ClientProc:
     def __init__(self, proc: asyncio.subprocess.Process, log_path: str) -> None:
         self.proc = proc
         self.log_path = log_path
+        self.results_path = log_path.replace(".log", ".json")
 
     async def expect(self, word: str, timeout: float) -> None:
         assert self.proc.stdout is not None
@@ -68,12 +66,9 @@ class _ClientProc:
         await self.proc.stdin.drain()
 
     async def results(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        await self.expect("done", timeout)
         await asyncio.wait_for(self.proc.wait(), timeout)
-        if not line:
-            raise RuntimeError(f"bench client printed no results: {self.log_tail()}")
-        value: dict[str, Any] = json.loads(line)
+        value: dict[str, Any] = json.loads(await asyncio.to_thread(_read, self.results_path))
         return value
 
     def log_tail(self) -> str:
@@ -84,6 +79,11 @@ class _ClientProc:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 async def _spawn_clients(trial: Trial, workdir: str) -> list[_ClientProc]:
@@ -99,7 +99,6 @@ async def _spawn_clients(trial: Trial, workdir: str) -> list[_ClientProc]:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
-                limit=LINE_LIMIT,
             )
         clients.append(_ClientProc(proc, log_path))
     return clients
@@ -118,6 +117,7 @@ async def _send_specs(trial: Trial, url: str, clients: list[_ClientProc]) -> Non
             timeout_s=trial.timeout_s,
             rate=trial.load.rate,
             ttft_ms=trial.load.ttft_ms,
+            results_path=client.results_path,
         )
         await client.send(json.dumps(asdict(spec)))
 
