@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=128, help="engine: tokens per answer (128)")
     g.add_argument(
         "--requests",
-        type=int,
-        default=0,
-        help="engine: answers per level (0: twice the concurrency, at least 8)",
+        default="0",
+        help="engine: answers per level, one number or one per level (0: twice the "
+        "concurrency, at least 8)",
     )
     g.add_argument(
         "--systems",
@@ -60,16 +60,23 @@ def _csv(text: str) -> list[str]:
 
 
 def levels_of(args: argparse.Namespace) -> list[tuple[int, int]]:
-    out = []
-    for c in _csv(args.concurrency):
-        concurrency = int(c)
-        out.append((concurrency, args.requests or max(2 * concurrency, 8)))
-    return out
+    """(concurrency, answers) of each level."""
+    levels = [int(c) for c in _csv(args.concurrency)]
+    counts = [int(n) for n in _csv(str(args.requests))] or [0]
+    if len(counts) == 1:
+        counts *= len(levels)
+    if len(counts) != len(levels):
+        raise ValueError("--requests: one number, or one per --concurrency level")
+    return [(c, n or max(2 * c, 8)) for c, n in zip(levels, counts, strict=True)]
 
 
 def run_engine(args: argparse.Namespace) -> Section:
     started = time.monotonic()
-    models, systems, levels = _csv(args.models), _csv(args.systems), levels_of(args)
+    try:
+        levels = levels_of(args)
+    except ValueError as exc:
+        return Section("engine", str(exc), ok=False)
+    models, systems = _csv(args.models), _csv(args.systems)
     unknown = [m for m in models if m not in MODELS] + [s for s in systems if s not in SYSTEMS]
     if unknown:
         return Section("engine", f"unknown model or system: {', '.join(unknown)}", ok=False)
