@@ -14,7 +14,6 @@ from redis.exceptions import RedisError
 from gateway import openai_api, openapi, sse, web_page, ws
 from gateway.drain import DRAIN, Drain, drain_aware, drain_guard, end_on_shutdown
 from gateway.errors import ApiError, json_body, undecodable_bodies, validated
-from gateway.history import History
 from gateway.hub import Hub
 from gateway.intake import IDEMPOTENCY_HEADER, REPLAYED_HEADER, Intake
 from gateway.metrics import GatewayMetrics
@@ -27,6 +26,7 @@ from shared.logs import log
 from shared.protocol import new_id
 from shared.redis_client import connect
 from shared.settings import Settings, redact_url
+from shared.stream.history import History
 from shared.tokens import shared_secret
 
 logger = logging.getLogger("tokenbus.gateway")

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,6 +34,8 @@ from shared.protocol import EventDict
 logger = logging.getLogger("tokenbus.gateway.hub")
 
 SUBSCRIBE_TIMEOUT_S = 10.0
+#: Longest wait for a reply before the reader looks again (a health-check PING when idle).
+READ_WAIT_S = 1.0
 #: Called once per live event received, before fan-out (metrics); must not block.
 LiveHook = Callable[[EventDict], None]
 
@@ -187,9 +190,7 @@ class Hub:
                     await self._reconnect()
                     backoff = 0.05
                 assert self._pubsub is not None
-                message = await self._pubsub.get_message(timeout=1.0)
-                if message is not None:
-                    self._dispatch(message)
+                await self._read_batch(self._pubsub)
             except asyncio.CancelledError:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -208,6 +209,33 @@ class Hub:
                 logger.exception("pubsub reader error")
                 await asyncio.sleep(0.1)
 
+    async def _read_batch(self, pubsub: PubSub) -> None:
+        """Wait for the next reply, then handle every reply already read, without yielding.
+
+        Replies are read straight from the connection: one wait (with its timeout and health
+        check) per batch of replies that arrived together, instead of a ``get_message`` call,
+        with its retry wrapper, per message. Messages go to ``_on_message`` at once; any other
+        reply (a confirmation, the health check's pong) takes redis-py's own ``handle_message``
+        first, which keeps the PubSub's channel bookkeeping, then ``_dispatch``.
+        """
+        conn = pubsub.connection
+        if conn is None or not conn.is_connected:
+            # Never reconnected here (redis-py would resubscribe under us): lost is lost.
+            raise RedisConnectionError("the pub/sub connection is closed")
+        await pubsub.check_health()  # a PING once the connection was idle for a while
+        reply = await conn.read_response(
+            timeout=READ_WAIT_S, disconnect_on_error=False, push_request=True
+        )
+        buffered = _buffered_replies(conn)
+        while reply is not None:
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                self._on_message(reply[1], reply[2])
+            else:
+                message = await pubsub.handle_message(reply)
+                if message is not None:
+                    self._dispatch(message)
+            reply = buffered()
+
     async def _reconnect(self) -> None:
         old, self._pubsub = self._pubsub, None
         if old is not None:
@@ -217,26 +245,30 @@ class Hub:
         await self._connect()
         log(logger, "pubsub_reconnected", channels=self.channels)
 
+    def _on_message(self, channel: bytes | str, data: bytes | str) -> None:
+        """A message on ``channel``: decoded once, then given to each of its subscribers."""
+        subs = self._subscribers.get(text(channel))
+        if not subs:
+            return
+        try:
+            event = decode_event(data)
+        except ValueError:
+            log(logger, "bad_channel_message", logging.WARNING, channel=text(channel))
+            return
+        raw = text(data)  # what every client is sent, as published
+        if self._on_live is not None:
+            try:
+                self._on_live(event)
+            except Exception:  # a metrics hook never stops delivery
+                logger.exception("live event hook failed")
+        for sub in tuple(subs):
+            sub.on_event(event, raw)
+
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = text(message.get("type"))
         channel = text(message.get("channel"))
         if kind == "message":
-            subs = self._subscribers.get(channel)
-            if not subs:
-                return
-            raw = text(message["data"])
-            try:
-                event = decode_event(raw)
-            except ValueError:
-                log(logger, "bad_channel_message", logging.WARNING, channel=channel)
-                return
-            if self._on_live is not None:
-                try:
-                    self._on_live(event)
-                except Exception:  # a metrics hook never stops delivery
-                    logger.exception("live event hook failed")
-            for sub in tuple(subs):
-                sub.on_event(event, raw)
+            self._on_message(channel, message["data"])
         elif kind == "subscribe":
             if channel not in self._unacked:
                 # We sent no SUBSCRIBE for it: redis-py reconnected and resubscribed by itself,
@@ -253,6 +285,33 @@ class Hub:
                 self._recovering.discard(channel)
                 for sub in tuple(self._subscribers.get(channel, ())):
                     sub.on_resubscribed()
+
+
+def _buffered_replies(conn: Any) -> Callable[[], Any]:
+    """A function that returns the next reply already read off ``conn``'s socket, else None.
+
+    With hiredis (a dependency: ``redis[hiredis]``) that is its reader's next complete reply;
+    with another parser, nothing is known to be buffered and each reply is awaited on its own.
+    """
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    if not isinstance(parser, _AsyncHiredisParser) or reader is None:
+        return _nothing
+    gets = reader.gets
+
+    def next_reply() -> Any:
+        reply = gets()
+        if reply is NOT_ENOUGH_DATA:
+            return None
+        if isinstance(reply, Exception):  # as the parser's read_response does
+            raise reply
+        return reply
+
+    return next_reply
+
+
+def _nothing() -> None:
+    return None
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -24,6 +24,7 @@ from shared.jobs import request_cancel
 from shared.keys import META_TTL_FIELD
 from shared.logs import log
 from shared.protocol import TERMINAL_TYPES, EventDict, Job, new_id
+from shared.stream.position import Position
 
 logger = logging.getLogger("tokenbus.gateway.openai")
 
@@ -52,7 +53,7 @@ class JobRun:
         self.model = prompt.model or gw.settings.default_model
         self._prompt = prompt
         self._outbox = gw.outbox()
-        self._subscription = gw.subscription(self.session_id, self._outbox, epoch=None, offset=0)
+        self._subscription = gw.subscription(self.session_id, self._outbox, Position())
         self._job: Job | None = None
         self._started = time.monotonic()
         #: The job's finish reason or error code once its terminal event came.

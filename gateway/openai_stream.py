@@ -39,7 +39,9 @@ class _HeldStream:
         if not self.committed:
             await self.response.prepare(self.request)
         data, self._held = b"".join((*self._held, *frames)), []
-        await write_within(self.response.write(data), self.stall_s, self.request.transport)
+        await write_within(
+            self.response.write(data), self.stall_s, self.request.transport, len(data)
+        )
 
 
 async def stream(request: web.Request, run: JobRun, reply: Reply) -> web.StreamResponse:

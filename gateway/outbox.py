@@ -6,6 +6,10 @@ Past its limits the queue closes and the connection is dropped with a code telli
 to resume: it never holds up anyone else. A client that stops reading altogether blocks the
 write to it instead; ``write_within`` bounds that wait, so such a client is dropped on the
 gateway's clock, not when (if ever) it reads again.
+
+Nothing here costs a task or a timer per event: a waiting ``get`` re-arms one timer per outbox
+only when it fires (keep-alives are rare), and ``write_within`` arms its stall timeout only for
+a write that can wait at all.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ class Outbox:
         self._max_bytes = max_bytes
         # A short backlog (a history replay) goes out as published; only a growing one merges.
         self._coalesce_after = min(coalesce_after, max(1, max_events // 2))
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None  # a get() waiting: True when woken
+        self._deadline: float | None = None  # when that get() gives up (loop time)
+        self._timer: asyncio.TimerHandle | None = None
         self._taken = asyncio.Event()  # set whenever items leave the queue
         self.closed: str | None = None  # why, once closed
         self.coalesced = 0
@@ -86,7 +92,7 @@ class Outbox:
             self._bytes += item.size()
         if len(self._items) > self._max_events or self._bytes > self._max_bytes:
             self.close(SLOW_CONSUMER)
-        self._wakeup.set()
+        self._wake()
 
     async def wait_for_room(self) -> None:
         """Wait until the queue is at most half full (or closed).
@@ -107,23 +113,53 @@ class Outbox:
             if reason == SLOW_CONSUMER:
                 self._items.clear()
                 self._bytes = 0
-        self._wakeup.set()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self._wake()
         self._taken.set()
 
     async def get(self, wait_s: float | None = None) -> Outgoing | None:
         """Next item; None when closed (and drained) or when ``wait_s`` passes first."""
         while not self._items:
-            if self.closed is not None:
-                return None
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), wait_s)
-            except TimeoutError:
+            if self.closed is not None or not await self._wait(wait_s):
                 return None
         item = self._items.popleft()
         self._bytes -= item.size()
         self._taken.set()
         return item
+
+    async def _wait(self, wait_s: float | None) -> bool:
+        """Until something is put or the outbox closes (True), or ``wait_s`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        if wait_s is None:
+            self._deadline = None
+        else:
+            self._deadline = loop.time() + wait_s
+            if self._timer is None:  # else the armed timer moves itself on when it fires
+                self._timer = loop.call_at(self._deadline, self._on_timer)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter, deadline = self._waiter, self._deadline
+        if waiter is None or waiter.done() or deadline is None:
+            return  # nobody waits with a limit now: the next get() arms a timer again
+        loop = waiter.get_loop()
+        if loop.time() >= deadline:
+            waiter.set_result(False)
+        else:
+            self._timer = loop.call_at(deadline, self._on_timer)
 
     def get_nowait(self) -> Outgoing | None:
         taken = self.take_ready(1)
@@ -146,18 +182,36 @@ class ClientStalled(ConnectionError):
 
 
 async def write_within(
-    write: Awaitable[object], stall_s: float, transport: asyncio.Transport | None
+    write: Awaitable[object],
+    stall_s: float,
+    transport: asyncio.Transport | None,
+    size: int,
+    *,
+    abort: bool = True,
 ) -> None:
-    """``await write``, but cut the connection if it takes over ``stall_s`` seconds.
+    """``await write`` (of ``size`` bytes), but cut the connection if it takes over ``stall_s``.
 
     A write waits only when the kernel's and the transport's buffers are full, which a reading
     client empties within moments: one that waits this long has stopped reading. The transport
-    is aborted rather than closed, since closing waits to flush what the client never reads.
-    Raises ClientStalled then.
+    is aborted (unless ``abort`` is false: the caller does it) rather than closed, since closing
+    waits to flush what the client never reads. Raises ClientStalled then.
+
+    A write into an empty transport buffer that fits under its high-water mark cannot wait (the
+    protocol is paused only above it), so only other writes pay for a timeout.
     """
+    if transport is not None and not _may_wait(transport, size):
+        await write
+        return
     try:
-        await asyncio.wait_for(write, stall_s)
+        async with asyncio.timeout(stall_s):
+            await write
     except TimeoutError:
-        if transport is not None:
+        if transport is not None and abort:
             transport.abort()
         raise ClientStalled(f"no write completed in {stall_s} s") from None
+
+
+def _may_wait(transport: asyncio.Transport, size: int) -> bool:
+    if transport.get_write_buffer_size():
+        return True
+    return size > transport.get_write_buffer_limits()[1]

@@ -10,10 +10,12 @@ from aiohttp import web
 from gateway.drain import DRAINING, SSE_RETRY_MS, drain_aware
 from gateway.errors import ApiError, error_event
 from gateway.outbox import SLOW_CONSUMER, STALLED, ClientStalled, Outbox, write_within
-from gateway.state import GATEWAY, bearer, format_position, parse_position
+from gateway.state import GATEWAY, bearer, parse_position
 from gateway.subscription import UNAVAILABLE
 from shared.codec import dump_event
 from shared.logs import log
+from shared.protocol import EventDict
+from shared.stream.position import Position
 
 logger = logging.getLogger("tokenbus.gateway.sse")
 
@@ -40,6 +42,14 @@ def _start_failed(task: asyncio.Task[None], outbox: Outbox, session_id: str) -> 
     outbox.close(UNAVAILABLE)
 
 
+def _frame(event: EventDict, data: str) -> str:
+    """One SSE message: ``id:`` (the resume position) for a session event, then its JSON."""
+    if "offset" not in event:
+        return f"data: {data}\n\n"
+    position = Position(event.get("epoch"), int(event["offset"]))
+    return f"id: {position.format()}\ndata: {data}\n\n"
+
+
 async def _end_for_drain(response: web.StreamResponse) -> None:
     """Send the client elsewhere: EventSource reconnects after ``retry`` with Last-Event-ID."""
     notice = error_event(DRAINING, "gateway draining: reconnect with Last-Event-ID to resume")
@@ -57,24 +67,24 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     try:
         gw.authorize(session_id, bearer(request))
         last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-        epoch, offset = parse_position(last) if last else (None, 0)
+        position = parse_position(last) if last else Position()
     except ApiError as exc:
         return exc.response()
 
     outbox = gw.outbox()
     client = gw.metrics.client("sse")
-    subscription = gw.subscription(session_id, outbox, epoch=epoch, offset=offset)
+    subscription = gw.subscription(session_id, outbox, position)
     response = web.StreamResponse(headers=HEADERS)
     await response.prepare(request)
     await response.write(f"retry: {RETRY_MS}\n\n".encode())
-    log(logger, "sse_open", session=session_id, epoch=epoch, offset=offset)
+    log(logger, "sse_open", session=session_id, epoch=position.epoch, offset=position.offset)
     client.opened()
     gw.drain.add_stream(outbox)
     stall_s = gw.settings.client_stall_s
 
     async def send(data: bytes) -> None:
         # Bounded: a client that stopped reading is cut on our clock, not when it reads again.
-        await write_within(response.write(data), stall_s, request.transport)
+        await write_within(response.write(data), stall_s, request.transport, len(data))
 
     # Started beside the write loop: a long replay waits for this loop to send what it queued.
     starting = asyncio.create_task(subscription.start())
@@ -101,16 +111,9 @@ async def session_events(request: web.Request) -> web.StreamResponse:
                 if code == SLOW_CONSUMER:
                     client.dropped_slow()
                 break
-            chunks = []
+            # Everything ready goes out in one write; each event as it was published.
             batch = (item, *outbox.take_ready(_BATCH))
-            for out in batch:
-                event = out.event
-                if "offset" in event:
-                    position = format_position(event.get("epoch"), int(event["offset"]))
-                    chunks.append(f"id: {position}\ndata: {out.text()}\n\n")
-                else:
-                    chunks.append(f"data: {out.text()}\n\n")
-            await send("".join(chunks).encode())
+            await send("".join([_frame(out.event, out.text()) for out in batch]).encode())
             client.written(out.event for out in batch)
     except ClientStalled:  # its transport is cut already
         log(logger, "sse_dropped", logging.WARNING, session=session_id, reason=STALLED)

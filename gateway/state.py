@@ -9,7 +9,6 @@ from redis.asyncio import Redis
 
 from gateway.drain import Drain
 from gateway.errors import ApiError, invalid_api_key, unauthorized
-from gateway.history import History
 from gateway.hub import Hub
 from gateway.intake import Intake
 from gateway.metrics import GatewayMetrics
@@ -18,8 +17,9 @@ from gateway.subscription import Listener, SessionSubscription
 from shared import tokens
 from shared.conversation import Conversations
 from shared.keys import Keys
-from shared.protocol import MAX_OFFSET
 from shared.settings import Settings
+from shared.stream.history import History
+from shared.stream.position import BadPosition, Position
 
 
 @dataclass
@@ -58,19 +58,18 @@ class Gateway:
         self,
         session_id: str,
         outbox: Outbox,
+        position: Position,
         *,
-        epoch: str | None,
-        offset: int,
         listener: Listener | None = None,
     ) -> SessionSubscription:
+        """``session_id``'s events after ``position`` (the last one the client saw)."""
         return SessionSubscription(
             session_id,
             hub=self.hub,
             history=self.history,
             keys=self.keys,
             outbox=outbox,
-            epoch=epoch,
-            offset=offset,
+            position=position,
             listener=listener,
             on_resync=self.metrics.resync,
         )
@@ -90,16 +89,9 @@ def bearer(request: web.Request) -> str | None:
     return api_key(request) or request.query.get("token")
 
 
-def parse_position(value: str) -> tuple[str | None, int]:
-    """``"<epoch>:<offset>"`` or a bare ``"<offset>"`` (any epoch)."""
-    epoch, _, offset = value.strip().rpartition(":")
-    # isdigit() alone passes "²" and other digits int() refuses.
-    if not (offset.isascii() and offset.isdigit() and len(offset) <= 20) or (
-        int(offset) > MAX_OFFSET
-    ):
-        raise ApiError(400, "bad_position", f"not a stream position: {value[:64]!r}")
-    return (epoch or None), int(offset)
-
-
-def format_position(epoch: str | None, offset: int) -> str:
-    return f"{epoch}:{offset}" if epoch else str(offset)
+def parse_position(value: str) -> Position:
+    """A client's resume position (``Position.parse``); 400 ``bad_position`` if it is none."""
+    try:
+        return Position.parse(value)
+    except BadPosition as exc:
+        raise ApiError(400, "bad_position", str(exc)) from None

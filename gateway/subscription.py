@@ -22,12 +22,13 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.history import History, Snapshot
 from gateway.hub import Hub
 from gateway.outbox import SLOW_CONSUMER, Outbox
 from shared.keys import Keys
 from shared.logs import log
 from shared.protocol import EventDict
+from shared.stream.history import History, Snapshot
+from shared.stream.position import Position
 
 logger = logging.getLogger("tokenbus.gateway.subscription")
 
@@ -40,6 +41,10 @@ _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 Listener = Callable[[EventDict], None]
 #: Told the reason of each resync sent (metrics).
 ResyncHook = Callable[[str], None]
+
+
+#: The position of a client that saw nothing yet.
+_NOTHING_SEEN = Position()
 
 
 def _first_offset(snap: Snapshot) -> int:
@@ -61,15 +66,14 @@ class SessionSubscription:
         history: History,
         keys: Keys,
         outbox: Outbox,
-        epoch: str | None = None,
-        offset: int = 0,
+        position: Position = _NOTHING_SEEN,
         listener: Listener | None = None,
         on_resync: ResyncHook | None = None,
     ) -> None:
         self.session_id = session_id
         self.channel = keys.session_channel(session_id)
-        self.epoch = epoch
-        self.offset = offset
+        #: The last event delivered (or skipped by a resync): where a resume would start.
+        self.position = position
         self._hub = hub
         self._history = history
         self._outbox = outbox
@@ -81,6 +85,14 @@ class SessionSubscription:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.catch_ups = 0  # catch-up tasks started (one per run of reasons, never concurrent)
+
+    @property
+    def epoch(self) -> str | None:
+        return self.position.epoch
+
+    @property
+    def offset(self) -> int:
+        return self.position.offset
 
     @property
     def phase(self) -> Phase:
@@ -127,19 +139,18 @@ class SessionSubscription:
         if not isinstance(offset, int) or not isinstance(epoch, str):
             log(logger, "event_without_position", logging.WARNING, session=self.session_id)
             return
-        if self.epoch == epoch and offset <= self.offset:
-            return  # already delivered
-        if offset == self.offset + 1 and self.epoch in (None, epoch):
+        if self.position.next_is(epoch, offset):
             self._deliver(event, raw)
             return
+        if self.position.has(epoch, offset):
+            return  # already delivered
         # A gap or a new epoch: history knows what happened.
         self._start_catch_up()
         assert self._buffer is not None
         self._buffer.append((event, raw))
 
     def _deliver(self, event: EventDict, raw: str | None) -> None:
-        self.epoch = event.get("epoch", self.epoch)
-        self.offset = int(event["offset"])
+        self.position = Position(event.get("epoch", self.position.epoch), int(event["offset"]))
         self._outbox.put(event, raw)
         if self._listener is not None:
             self._listener(event)
@@ -158,7 +169,7 @@ class SessionSubscription:
             epoch=epoch,
             offset=offset,
         )
-        self.epoch, self.offset = epoch, offset
+        self.position = Position(epoch, offset)
         self._outbox.put(event)
         if self._on_resync is not None:
             self._on_resync(reason)
@@ -235,7 +246,7 @@ class SessionSubscription:
                 "epoch_changed" if stale else "offset_ahead", snap.epoch, _first_offset(snap) - 1
             )
         else:
-            self.epoch = snap.epoch
+            self.position = Position(snap.epoch, self.offset)
             first = _first_offset(snap)
             if first > self.offset + 1:
                 self._resync("history_trimmed", snap.epoch, first - 1)

@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio import Redis
 
-from gateway.history import History
 from gateway.hub import Hub
 from gateway.outbox import Outbox
 from gateway.subscription import Phase, SessionSubscription
 from shared.keys import Keys
 from shared.protocol import Delta, StreamStart, new_id
 from shared.redis_client import connect
-from shared.scripts import SessionPublisher
 from shared.settings import Settings
+from shared.stream.history import History
+from shared.stream.publish import SessionPublisher
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Reads a session's position and history in one consistent snapshot."""
+"""Reading a session's position and history in one consistent snapshot."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from shared.codec import decode_event, text
-from shared.keys import HISTORY_FIELD, Keys
+from shared.keys import Keys
 from shared.protocol import EventDict
+from shared.stream.position import HISTORY_FIELD
+
+_FIELD = HISTORY_FIELD.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,7 @@ class History:
         self._keys = keys
 
     async def read(self, session_id: str, after: int) -> Snapshot:
+        """The session's epoch and last offset, and the events after offset ``after``."""
         meta = self._keys.session_meta(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hmget(meta, ["epoch", "offset"])
@@ -31,9 +35,9 @@ class History:
             (epoch, offset), entries = await pipe.execute()
         events: list[tuple[EventDict, str]] = []
         for _entry_id, fields in entries:
-            raw = fields[HISTORY_FIELD.encode()]
-            raw_text = text(raw)
-            events.append((decode_event(raw_text), raw_text))
+            raw = fields[_FIELD]
+            # Decoded once here, from the bytes; the text is what clients are sent as is.
+            events.append((decode_event(raw), text(raw)))
         return Snapshot(
             epoch=epoch.decode() if isinstance(epoch, bytes) else epoch,
             offset=int(offset) if offset is not None else 0,
