@@ -11,6 +11,10 @@ awaiting Redis's confirmation): a gateway that serves millions of short sessions
 of the ones that ended. The hub's Redis client must not retry on its own (redis-py would
 reconnect and resubscribe under us, hiding the loss); a confirmation nobody asked for is taken
 as such a hidden reconnect all the same.
+
+The reader is the hot path: it waits once for each batch of replies that arrive together and
+handles all of them before it yields, and it decodes each message once, whatever the number of
+its subscribers; they all get the same dict and the JSON text as published.
 """
 
 from __future__ import annotations

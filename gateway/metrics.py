@@ -3,6 +3,8 @@
 Time to first token and inter-token latency are read from the events themselves (the engine's
 ``t`` on each delta, the job's ``created_at`` on stream_start), once per job per process: the hub
 calls ``observe_live`` for every live event it fans out, whatever the number of clients.
+The metrics touched per event (delivered events, delivery latency, TTFT, ITL) are the
+lock-free kind of ``gateway.loop_metrics``, exposed exactly as prometheus_client's are.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from gateway.loop_metrics import LoopCounter, LoopHistogram
 from shared.buckets import LATENCY_BUCKETS, TTFT_BUCKETS
 from shared.protocol import TERMINAL_TYPES, EventDict
 
@@ -50,25 +53,25 @@ class GatewayMetrics:
             ["transport"],
             registry=r,
         )
-        self.events_delivered = Counter(
+        self.events_delivered = LoopCounter(
             "tokenbus_events_delivered",
             "Session events written to clients (a merged delta counts once).",
             ["transport"],
             registry=r,
         )
-        self.delivery_latency = Histogram(
+        self.delivery_latency = LoopHistogram(
             "tokenbus_delivery_latency_seconds",
             "Engine emitting a delta's last token -> the delta written to a client.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "tokenbus_time_to_first_token_seconds",
             "Job created -> engine emitted its first token (from the events, once per job).",
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
+        self.itl = LoopHistogram(
             "tokenbus_inter_token_latency_seconds",
             "Time between tokens of a job (from the events, once per job).",
             buckets=LATENCY_BUCKETS,

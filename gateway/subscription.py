@@ -5,6 +5,10 @@ position, deliver it, then drain the buffer skipping what history already gave, 
 A live event that is not the next offset means something was missed (a dropped pub/sub
 connection): buffer again and catch up from history.
 
+Where a client is in the session is a ``shared.stream.position.Position``: the last event it
+got, or the one a resync moved it to. A live event that comes right after it is delivered
+(``next_is``), one it had already is skipped (``has``), anything else is a gap.
+
 Catch-up is single-flight: one task at a time owns it (the first one included), and a reason
 to catch up that comes while it runs (a resubscribe, a gap) makes that same task go round once
 more instead of starting a second reader of history that could deliver an event twice. Redis
@@ -45,6 +49,11 @@ ResyncHook = Callable[[str], None]
 
 #: The position of a client that saw nothing yet.
 _NOTHING_SEEN = Position()
+
+
+def _at(epoch: str | None, offset: int) -> Position:
+    """``Position(epoch, offset)`` without NamedTuple's __new__ in Python (per event per client)."""
+    return tuple.__new__(Position, (epoch, offset))
 
 
 def _first_offset(snap: Snapshot) -> int:
@@ -140,7 +149,7 @@ class SessionSubscription:
             log(logger, "event_without_position", logging.WARNING, session=self.session_id)
             return
         if self.position.next_is(epoch, offset):
-            self._deliver(event, raw)
+            self._deliver(event, raw, epoch, offset)
             return
         if self.position.has(epoch, offset):
             return  # already delivered
@@ -149,8 +158,8 @@ class SessionSubscription:
         assert self._buffer is not None
         self._buffer.append((event, raw))
 
-    def _deliver(self, event: EventDict, raw: str | None) -> None:
-        self.position = Position(event.get("epoch", self.position.epoch), int(event["offset"]))
+    def _deliver(self, event: EventDict, raw: str | None, epoch: str | None, offset: int) -> None:
+        self.position = _at(epoch, offset)
         self._outbox.put(event, raw)
         if self._listener is not None:
             self._listener(event)
@@ -251,8 +260,9 @@ class SessionSubscription:
             if first > self.offset + 1:
                 self._resync("history_trimmed", snap.epoch, first - 1)
         for event, raw in snap.events:
-            if int(event["offset"]) > self.offset:
+            offset = int(event["offset"])
+            if offset > self.offset:
                 await self._outbox.wait_for_room()
                 if self._outbox.closed is not None:
                     return
-                self._deliver(event, raw)
+                self._deliver(event, raw, event.get("epoch", self.epoch), offset)
