@@ -30,7 +30,16 @@ class Recorder:
         self.name = name
         self.out = out
         binary = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-        argv = [binary, "record", "--pid", str(pid), "--nonblocking", "--rate", str(RATE_HZ)]
+        argv = [
+            binary,
+            "record",
+            "--pid",
+            str(pid),
+            "--nonblocking",
+            "--gil",
+            "--rate",
+            str(RATE_HZ),
+        ]
         argv += ["--format", "speedscope", "-o", out]
         self.log_path = out + ".log"
         with open(self.log_path, "wb") as log:
@@ -67,32 +76,44 @@ def stop(recorders: list[Recorder]) -> None:
                 f.write(summary)
 
 
-def summarize(path: str, top: int = 40) -> str:
-    """The functions most often on the CPU in a speedscope profile, own and inclusive."""
+def summarize(path: str, top: int = 30) -> str:
+    """Where the samples of a speedscope profile fall: own time by function and by source
+    file, and time with the function anywhere on the stack."""
     with open(path) as f:
         doc = json.load(f)
     frames = doc["shared"]["frames"]
-    own: Counter[int] = Counter()
-    inclusive: Counter[int] = Counter()
-    total = 0
+
+    def function(i: int) -> str:
+        frame = frames[i]
+        return f"{frame.get('name')} ({os.path.basename(str(frame.get('file', '')))})"
+
+    def source(i: int) -> str:
+        file = str(frames[i].get("file", ""))
+        if "site-packages/" in file:
+            return file.split("site-packages/", 1)[1]
+        return os.sep.join(file.split(os.sep)[-2:])
+
+    own: Counter[str] = Counter()
+    files: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0.0
     for prof in doc["profiles"]:
         for stack, weight in zip(prof["samples"], prof["weights"], strict=True):
             if not stack:
                 continue
             total += weight
-            own[stack[-1]] += weight
-            for frame in set(stack):
-                inclusive[frame] += weight
-
-    def name(i: int) -> str:
-        frame = frames[i]
-        where = os.path.basename(str(frame.get("file", "")))
-        return f"{frame.get('name')} ({where}:{frame.get('line', '')})"
-
+            own[function(stack[-1])] += weight
+            files[source(stack[-1])] += weight
+            for name in {function(i) for i in stack}:
+                inclusive[name] += weight
     unit = doc["profiles"][0].get("unit", "") if doc["profiles"] else ""
-    sampled = f"{total:.1f} s of samples" if unit == "seconds" else f"{total} samples"
-    lines = [f"{path}: {sampled}, sampled at {RATE_HZ} Hz", "", "own %  function"]
-    lines += [f"{100 * n / total:5.1f}  {name(i)}" for i, n in own.most_common(top)]
-    lines += ["", "incl % function"]
-    lines += [f"{100 * n / total:5.1f}  {name(i)}" for i, n in inclusive.most_common(top)]
+    sampled = f"{total:.1f} s of samples" if unit == "seconds" else f"{total:.0f} samples"
+    lines = [f"{path}: {sampled}, sampled at {RATE_HZ} Hz"]
+    for title, counts in (
+        ("own %  function", own),
+        ("own %  source file", files),
+        ("incl % function", inclusive),
+    ):
+        lines += ["", title]
+        lines += [f"{100 * n / total:5.1f}  {name}" for name, n in counts.most_common(top)]
     return "\n".join(lines) + "\n"
