@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from shared.close_codes import CLOSE_DRAINING
 from shared.keys import Keys
 from shared.protocol import Delta, StreamEnd, StreamStart
-from shared.stream.publish import SessionPublisher
 from shared.settings import Settings
+from shared.stream.publish import SessionPublisher
 from tests.clients import (
     answer_text,
     assert_contiguous,

@@ -21,8 +21,8 @@ from shared.embedded_redis import free_port
 from shared.jobs import enqueue
 from shared.keys import Keys
 from shared.protocol import Delta, Job, StreamEnd, StreamStart
-from shared.stream.publish import SessionPublisher
 from shared.settings import Settings
+from shared.stream.publish import SessionPublisher
 from tests.clients import answer_text, follow, read_sse_until, ws_receive_until
 from tests.servers import (
     new_session,

@@ -28,8 +28,8 @@ from shared.embedded_redis import free_port
 from shared.keys import Keys
 from shared.protocol import Delta, StreamEnd, StreamStart
 from shared.redis_client import connect
-from shared.stream.publish import SessionPublisher
 from shared.settings import Settings
+from shared.stream.publish import SessionPublisher
 from tests.clients import answer_text, assert_contiguous, follow, sse_events
 from tests.restartable_redis import restartable_redis
 from tests.servers import settings_env, wait_ready

@@ -25,8 +25,8 @@ from redis.asyncio import Redis
 
 from shared.keys import Keys
 from shared.protocol import Delta, StreamStart
-from shared.stream.publish import SessionPublisher
 from shared.settings import Settings
+from shared.stream.publish import SessionPublisher
 from tests.servers import running_gateway
 
 BOUND_S = 30.0  # a failsafe for a hung gateway, never a speed requirement
