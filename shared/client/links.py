@@ -22,6 +22,7 @@ from shared.client.errors import (
 )
 from shared.client.model import EventDict, Position
 from shared.close_codes import CLOSE_DRAINING, CLOSE_GOING_AWAY, CLOSE_UNAUTHORIZED
+from shared.stream.position import Position as StreamPosition
 
 logger = logging.getLogger("tokenbus.client")
 
@@ -147,7 +148,7 @@ class _SseLink:
         headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
         epoch, offset = position
         if epoch is not None or offset:
-            headers["Last-Event-ID"] = f"{epoch}:{offset}" if epoch is not None else str(offset)
+            headers["Last-Event-ID"] = StreamPosition(epoch, offset).format()
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
         )

@@ -9,7 +9,8 @@ from typing import Any, Literal, TypeAlias
 Transport: TypeAlias = Literal["ws", "sse"]
 #: A session event as the gateway sends it: a JSON object with ``type``, ``epoch``, ``offset``.
 EventDict: TypeAlias = dict[str, Any]
-#: A place in a session's event stream: ``(epoch, offset)`` of the last event seen.
+#: A place in a session's event stream: ``(epoch, offset)`` of the last event seen (any tuple;
+#: ``shared.stream.position.Position`` is the one the gateway parses and formats).
 Position: TypeAlias = tuple[str | None, int]
 
 START: Position = (None, 0)
