@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ from redis.asyncio import Redis
 from shared.keys import Keys, Lease
 from shared.lease import Acquired, Leases
 from shared.protocol import Job
-from shared.stream.position import HISTORY_FIELD
+from shared.stream.history import History
 from shared.stream.publish import SessionPublisher, StaleFence
 from workers.batcher import PublishBatcher
 from workers.engine import EngineDelta
@@ -22,8 +21,8 @@ pytestmark = pytest.mark.asyncio
 
 
 async def history(redis: Redis, keys: Keys, session_id: str) -> list[dict[str, Any]]:
-    entries = await redis.xrange(keys.session_history(session_id))
-    return [json.loads(fields[HISTORY_FIELD.encode()]) for _, fields in entries]
+    snapshot = await History(redis, keys).read(session_id, 0)
+    return [event for event, _raw in snapshot.events]
 
 
 def publishers(batcher: PublishBatcher, n: int, tag: str) -> list[tuple[Job, JobPublisher]]:
