@@ -43,6 +43,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("  baseline CPU s", "cpu_baseline_s"),
     ("server CPU us/token", "cpu_us_per_token"),
     ("client CPU s", "client_cpu_s"),
+    ("other processes' CPU s (noise)", "other_cpu_s"),
     ("RSS KiB/connection", "rss_per_conn_kib"),
 )
 #: Summed over repeats, not medians: one lost token in any run is one too many.
@@ -87,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--capacity-p99-ms", type=float, default=100.0, help="capacity: p99 latency bound (100)"
     )
     g.add_argument(
+        "--capacity-tries",
+        type=int,
+        default=2,
+        help="capacity: runs of a step before it counts as not held (2)",
+    )
+    g.add_argument(
         "--profile",
         default="",
         metavar="DIR",
@@ -116,7 +123,8 @@ def run_one(t: Trial, what: str) -> dict[str, Any]:
     progress(
         f"  {figures['completed']}/{figures['streams']} completed, "
         f"{figures['tokens_per_s']:.0f} tokens/s, latency p99 {figures['latency_p99_ms']:.1f} ms, "
-        f"server CPU {figures['cpu_server_s']:.2f} s, lost {figures['lost']}, "
+        f"server CPU {figures['cpu_server_s']:.2f} s (other processes "
+        f"{figures.get('other_cpu_s', math.nan):.1f} s), lost {figures['lost']}, "
         f"duplicated {figures['duplicated']}"
         + (f", errors: {figures['errors'][:2]}" if figures["errors"] else "")
     )

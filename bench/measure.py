@@ -22,6 +22,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime: fields 14 and 15
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every process on the machine has used so far (all cores, idle and iowait
+    excluded): what the bench's own processes did not use of it is other work's."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    guest = sum(fields[8:10])  # already counted in user and nice
+    return (sum(fields) - idle - guest) / _TICK
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of process ``pid``; 0 when gone."""
     try:

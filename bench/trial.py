@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import profile
 from bench.load import Spec, raise_nofile
-from bench.measure import cpu_seconds, percentile, rss_bytes
+from bench.measure import cpu_seconds, machine_busy_seconds, percentile, rss_bytes
 from bench.stack import BaselineServer, Load, System, TokenbusStack
 
 
@@ -152,6 +152,7 @@ async def _measure(trial: Trial, system: System, clients: list[_ClientProc]) -> 
     rss_peak = rss_bytes(rss_pid)
     recorders = profile.start(trial, system) if trial.profile_dir else []
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    busy_before = machine_busy_seconds()
     start_at = time.time() + 0.3
     await asyncio.gather(*(c.send(repr(start_at)) for c in clients))
     finished = asyncio.gather(*(c.expect("finished", trial.timeout_s + 30) for c in clients))
@@ -159,11 +160,14 @@ async def _measure(trial: Trial, system: System, clients: list[_ClientProc]) -> 
         rss_peak = max(rss_peak, rss_bytes(rss_pid))
         await asyncio.wait([finished], timeout=0.25)
     cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    busy = machine_busy_seconds() - busy_before
     died = system.died()
     profile.stop(recorders)
     finished.result()
     results = await asyncio.gather(*(c.results(120) for c in clients))
     figures = _figures(trial, results, cpu, (rss_peak - rss_before) / trial.load.streams)
+    # The machine's CPU use that was neither the system's nor the clients': noise.
+    figures["other_cpu_s"] = max(0.0, busy - figures["cpu_server_s"] - figures["client_cpu_s"])
     if died:
         figures["errors"].append(died)
     return figures
