@@ -116,6 +116,31 @@ async def set_state(
         await pipe.execute()
 
 
+#: Running, unless cancelled while queued (then untouched): one round trip, one decision.
+_MARK_RUNNING = """
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then
+  return redis.call('HGET', KEYS[1], 'cancel_requested')
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return false
+"""
+
+
+async def mark_running(
+    redis: Redis, keys: Keys, job_id: str, ttl_s: int, **fields: str | int | float
+) -> str | None:
+    """Set the job's state to running, unless a cancel came first: then its reason, untouched.
+
+    One round trip where reading the record and then writing it took two.
+    """
+    args: list[str | int | float] = [ttl_s, "state", "running", "updated_at", time.time()]
+    for name, value in fields.items():
+        args.extend((name, value))
+    reason = await redis.register_script(_MARK_RUNNING)(keys=[keys.job(job_id)], args=args)
+    return None if reason is None else text(reason)
+
+
 async def get_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:
     raw = await redis.hgetall(keys.job(job_id))
     return {text(k): text(v) for k, v in raw.items()}

@@ -54,7 +54,9 @@ class JobPublisher:
         self._ids: list[int] = []
         self._tokens = 0
         self._t = 0.0
-        self._extra: list[str] = []  # encoded events after the buffered text
+        # Encoded events queued before the buffered text began, and after it: in that order.
+        self._head: list[str] = []
+        self._tail: list[str] = []
         self._terminal = False
         self._waiters: list[asyncio.Future[None]] = []
         # Taken by a flush, not yet landed: (batch, its waiters).
@@ -67,10 +69,17 @@ class JobPublisher:
         self.published_tokens = 0
 
     async def start(self, attempt: int = 0) -> None:
+        """Queue StreamStart for the very next flush; the engine need not wait for it to land.
+
+        What follows is published after it (one job's batches land in order); a failure to
+        publish it is raised by the next add or end.
+        """
+        self._raise_failure()
         start = StreamStart(
             job_id=self._job_id, model=self._model, attempt=attempt, created_at=self._created_at
         )
-        await self._publish(start)
+        self._queue(encode_event(start))
+        self._batcher.ready(self, urgent=True)
 
     async def add(self, delta: EngineDelta) -> None:
         """Buffer ``delta`` for the next flush; a final delta also ends the job with StreamEnd."""
@@ -112,12 +121,12 @@ class JobPublisher:
     def take(self) -> Batch | None:
         if self._flight is not None or (self._closed and not self._waiters):
             return None
-        events: list[str] = []
+        events: list[str] = self._head
         text, ids, tokens = "", self._ids, self._tokens
         if self._parts:
             text = "".join(self._parts)
             events.append(encode_delta(self._job_id, text, tokens, self._t))
-        events.extend(self._extra)
+        events.extend(self._tail)
         waiters = self._waiters
         if not events:
             for waiter in waiters:  # nothing left to publish: what they waited for has landed
@@ -135,7 +144,8 @@ class JobPublisher:
             tokens=tokens,
             terminal=self._terminal,
         )
-        self._parts, self._ids, self._tokens, self._extra, self._waiters = [], [], 0, [], []
+        self._parts, self._ids, self._tokens, self._waiters = [], [], 0, []
+        self._head, self._tail = [], []
         self._flight = (batch, waiters)
         return batch
 
@@ -157,7 +167,7 @@ class JobPublisher:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if (self._parts or self._extra) and not self._closed:
+        if (self._parts or self._head or self._tail) and not self._closed:
             self._batcher.ready(self, urgent=bool(self._waiters))
 
     # Internals
@@ -177,11 +187,14 @@ class JobPublisher:
     async def _publish(self, event: AnyEvent) -> None:
         """Queue ``event`` after what is buffered; returns once it was published."""
         self._raise_failure()
-        self._extra.append(encode_event(event))
+        self._queue(encode_event(event))
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._batcher.ready(self, urgent=True)
         await waiter
+
+    def _queue(self, event: str) -> None:
+        (self._tail if self._parts else self._head).append(event)
 
     def _buffer(self, delta: EngineDelta) -> None:
         if delta.text or delta.tokens:

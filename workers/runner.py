@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from shared.conversation import Exchange
-from shared.jobs import JobState, get_record, set_state
+from shared.jobs import JobState, mark_running, set_state
 from shared.keys import JOBS_GROUP
 from shared.lease import Acquired, Busy, Done, Progress
 from shared.logs import log
@@ -170,20 +170,15 @@ class JobRunner:
         try:
             if lease.failures > settings.max_attempts:
                 return await self._give_up(pub, lease.failures)
-            record = await get_record(w.redis, w.keys, job.id)
-            if record.get("cancel_requested") or running.cancel_requested:
-                await pub.end("cancelled")
-                return Outcome("cancelled", "cancelled")
             if job.deadline is not None and job.deadline < time.time():
                 await pub.error(
                     "deadline_exceeded", "the job's deadline passed before it could run"
                 )
                 return Outcome("failed", "deadline_exceeded")
-            await set_state(
+            cancelled = await mark_running(
                 w.redis,
                 w.keys,
                 job.id,
-                "running",
                 settings.job_ttl_s,
                 worker=w.consumer,
                 entry_id=running.entry_id,
@@ -192,6 +187,9 @@ class JobRunner:
                 attempts=lease.attempts,
                 started_at=time.time(),
             )
+            if cancelled is not None or running.cancel_requested:
+                await pub.end("cancelled")
+                return Outcome("cancelled", "cancelled")
             history = await w.conversations.load(job.session_id) if remembers else []
             # A continued answer gets no second StreamStart: the client sees one answer.
             if not progress.started:
