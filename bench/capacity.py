@@ -157,11 +157,10 @@ def capacity_section(results: dict[float, dict[str, Climb]], args: argparse.Name
                 f = c.steps.get(level)
                 cells.append("-" if f is None else _step_cell(f, args.capacity_p99_ms))
             noise = [
-                c.steps[level].get("other_cpu_s", math.nan)
-                for c in climbs.values()
-                if level in c.steps
+                c.steps[level].get("other_cpu_s") if level in c.steps else None
+                for c in (mine, theirs)
             ]
-            cells.append(" / ".join(f"{n:.1f}" for n in noise))
+            cells.append(" / ".join("-" if n is None else f"{n:.1f}" for n in noise))
             detail.append(cells)
             for c in (mine, theirs):
                 if level in c.steps:
