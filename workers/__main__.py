@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -52,8 +52,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main() -> None:
-    setup(os.environ.get("TOKENBUS_LOG_LEVEL", "INFO").upper())
     settings = Settings()
+    setup(settings.log_level)
+    # Everything imported so far lives as long as the process: the collector need not walk it
+    # again in every full collection (a long one pauses every stream).
+    gc.freeze()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
             runner.run(serve(settings))
