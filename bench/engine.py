@@ -131,7 +131,8 @@ def run_engine(args: argparse.Namespace) -> Section:
         "ITL: per answer, (last text - first text) / (tokens - 1), then p50/p99 over answers; "
         "CPU s/1k tok: CPU seconds of every process of the system (tokenbus: redis, gateway, "
         "worker and its engine core; vllm-server: its processes; asyncllm: the driver and its "
-        "engine core) per 1000 answer tokens; client CPU: the openai client process's",
+        "engine core) per 1000 answer tokens; client CPU: the openai client process's; "
+        "others: cores busy with other processes meanwhile, on average (the noise)",
     ]
     return Section("engine", render(table), rows=rows, notes=notes, ok=ok)
 

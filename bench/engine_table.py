@@ -41,6 +41,7 @@ def figures(level: Level) -> dict[str, float]:
         "errors": float(len(level.records) - len(ok)),
         "system_cpu_s_per_1k": level.system_cpu_s * per_k,
         "client_cpu_s_per_1k": level.client_cpu_s * per_k,
+        "other_cores": level.other_cpu_s / level.wall_s if level.wall_s else math.nan,
     }
 
 
@@ -55,6 +56,7 @@ COLUMNS = (
     ("tokens", "tokens"),
     ("CPU s/1k tok", "system_cpu_s_per_1k"),
     ("client CPU", "client_cpu_s_per_1k"),
+    ("others", "other_cores"),
 )
 #: Columns whose ratio means something (tokens and CPU are shown, not compared).
 RATIO_KEYS = {

@@ -107,6 +107,8 @@ class Level:
     #: CPU seconds over the level: this process (the client), and the system measured.
     client_cpu_s: float = math.nan
     system_cpu_s: float = math.nan
+    #: CPU seconds every other process on the machine used meanwhile: the noise.
+    other_cpu_s: float = math.nan
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -147,10 +149,12 @@ async def run_levels(
     out = []
     for concurrency, requests in levels:
         pids = system_pids()
-        client0, system0 = own_cpu_s(), tree_cpu_s(pids)
+        client0, system0, machine0 = own_cpu_s(), tree_cpu_s(pids), machine_busy_s()
         level = await closed_loop(send, concurrency, concurrency, requests)
         level.client_cpu_s = own_cpu_s() - client0
         level.system_cpu_s = tree_cpu_s(pids) - system0
+        ours = level.system_cpu_s + (0.0 if os.getpid() in pids else level.client_cpu_s)
+        level.other_cpu_s = max(0.0, machine_busy_s() - machine0 - ours)
         tokens = sum(r.tokens for r in level.records)
         errors = sum(not r.ok for r in level.records)
         say(
@@ -169,6 +173,17 @@ def _first_error(records: Sequence[Record]) -> str:
 def own_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, /proc/stat); nan off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return math.nan
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_s(roots: Sequence[int]) -> float:
