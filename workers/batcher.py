@@ -9,7 +9,8 @@ The tick adapts: the next flush starts no sooner than ``window`` after the last 
 the window grows with the number of jobs the last flush carried (up to ``max_window_ms`` at
 ``saturate_jobs``): an idle worker publishes at once, a busy one coalesces more tokens into each
 call. Urgent batches (a job's start, its first token, its end) cut the wait short and go first.
-Only one flush is in flight at a time, so a job's batches land in order.
+Up to ``in_flight`` flushes overlap (the next is packed while Redis runs the last), but a job
+has at most one batch in flight, so its batches land in order.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class PublishBatcher:
         max_window_ms: float,
         hold_s: float,
         saturate_jobs: int = 64,
+        in_flight: int = 2,
     ) -> None:
         self._sessions = sessions
         self._max_window = max(max_window_ms, 0.0) / 1000.0
@@ -55,6 +57,8 @@ class PublishBatcher:
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(max(in_flight, 1))
+        self._flights: set[asyncio.Task[None]] = set()
         self._closed = False
         self._last_start = 0.0
         self.window = 0.0  # seconds; the current coalescing window
@@ -86,6 +90,10 @@ class PublishBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        flights = list(self._flights)
+        for flight in flights:
+            flight.cancel()
+        await asyncio.gather(*flights, return_exceptions=True)
         left = [*self._urgent, *self._ready]
         self._urgent.clear()
         self._ready.clear()
@@ -107,6 +115,8 @@ class PublishBatcher:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._hurry.wait()
+            # A free flight first, then the batches: what arrives while waiting goes in them.
+            await self._slots.acquire()
             sources = [*self._urgent, *(s for s in self._ready if s not in self._urgent)]
             self._urgent.clear()
             self._ready.clear()
@@ -116,10 +126,19 @@ class PublishBatcher:
                 if batch is not None:
                     taken.append((source, batch))
             if not taken:
+                self._slots.release()
                 continue
             self._last_start = loop.time()
-            await self._flush(taken)
             self.window = self._max_window * min(1.0, len(taken) / self._saturate)
+            # Flushes overlap (the next is packed while Redis runs this one) yet a job's own
+            # batches never do: take() gives nothing for a job whose batch is still in flight.
+            flight = asyncio.create_task(self._flush(taken))
+            self._flights.add(flight)
+            flight.add_done_callback(self._landed)
+
+    def _landed(self, flight: asyncio.Task[None]) -> None:
+        self._flights.discard(flight)
+        self._slots.release()
 
     async def _flush(self, taken: list[tuple[Source, Batch]]) -> None:
         batches = [batch for _, batch in taken]
