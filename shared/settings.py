@@ -209,8 +209,8 @@ class Settings(BaseSettings):
     )
     dtype: str = Field(
         "auto",
-        description="vLLM: weight and activation dtype (auto: the model's; float32 on a CPU "
-        "without native bfloat16).",
+        description="vLLM: weight and activation dtype (auto: the model's on a GPU, float32 on "
+        "a CPU).",
     )
     engine_args: str = Field(
         "{}", description='vLLM: more AsyncEngineArgs as a JSON object, e.g. {"seed": 0}.'

