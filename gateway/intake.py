@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import ApiError, from_validation
 from gateway.requests import PromptRequest
+from shared.autopipeline import AutoPipeline
 from shared.codec import text
 from shared.jobs import (
     claim_idempotency_key,
@@ -80,6 +81,8 @@ class Intake:
         self._redis = redis
         self._keys = keys
         self._settings = settings
+        # Jobs posted in the same tick (a burst) share the enqueue's round trip.
+        self._calls = AutoPipeline(redis)
         # A job POST is one round trip (the enqueue) while the checks before it can be answered
         # from what this gateway read moments ago: a model's last heartbeat (only ever a
         # lower bound of the real one) and a queue depth far below its limit, plus the jobs
@@ -226,7 +229,7 @@ class Intake:
         if cached is not None:  # counted as queued until the next reading says otherwise
             self._depth[model] = (cached[0] + 1, cached[1])
         await enqueue(
-            self._redis,
+            self._calls,
             self._keys,
             job,
             model=model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import time
@@ -9,7 +10,9 @@ from typing import Literal, TypeAlias
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT
 
+from shared.autopipeline import AutoPipeline
 from shared.codec import JobEncoding, encode_job, text
 from shared.keys import JOBS_GROUP, Keys
 from shared.protocol import Job
@@ -19,7 +22,7 @@ TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
 
 async def enqueue(
-    redis: Redis,
+    redis: Redis | AutoPipeline,
     keys: Keys,
     job: Job,
     *,
@@ -28,30 +31,37 @@ async def enqueue(
     job_ttl_s: int,
     encoding: JobEncoding = "json",
 ) -> str:
-    """Record ``job`` as queued and append it to ``model``'s jobs stream; returns the entry id."""
+    """Record ``job`` as queued and append it to ``model``'s jobs stream; returns the entry id.
+
+    One transaction: never a record without its entry, or an entry without its record. Given
+    an ``AutoPipeline`` (the gateway's), jobs posted at once share a round trip.
+    """
+    calls = redis if isinstance(redis, AutoPipeline) else AutoPipeline(redis)
     record = keys.job(job.id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(
+    fields: list[EncodableT] = []
+    for name, value in encode_job(job, encoding).items():
+        fields += [name, value]
+    replies = await calls.transaction(
+        (
+            "HSET",
             record,
-            mapping={
-                "state": "queued",
-                "session_id": job.session_id,
-                "model": model,
-                "attempts": 0,
-                "created_at": job.created_at,
-                "updated_at": time.time(),
-            },
-        )
-        pipe.expire(record, job_ttl_s)
-        pipe.xadd(
-            keys.jobs_stream(model),
-            encode_job(job, encoding),  # type: ignore[arg-type]
-            maxlen=jobs_maxlen,
-            approximate=True,
-        )
-        results = await pipe.execute()
-    entry_id = results[-1]
-    return text(entry_id)
+            "state",
+            "queued",
+            "session_id",
+            job.session_id,
+            "model",
+            model,
+            "attempts",
+            0,
+            "created_at",
+            job.created_at,
+            "updated_at",
+            time.time(),
+        ),
+        ("EXPIRE", record, job_ttl_s),
+        ("XADD", keys.jobs_stream(model), "MAXLEN", "~", jobs_maxlen, "*", *fields),
+    )
+    return text(replies[-1])
 
 
 def idempotent_job_id(session_id: str, key: str, request_digest: str) -> str:
@@ -128,17 +138,47 @@ return false
 
 
 async def mark_running(
-    redis: Redis, keys: Keys, job_id: str, ttl_s: int, **fields: str | int | float
+    calls: AutoPipeline, keys: Keys, job_id: str, ttl_s: int, **fields: str | int | float
 ) -> str | None:
     """Set the job's state to running, unless a cancel came first: then its reason, untouched.
 
-    One round trip where reading the record and then writing it took two.
+    One script where reading the record and then writing it took two round trips; jobs that
+    start in the same tick share one.
     """
     args: list[str | int | float] = [ttl_s, "state", "running", "updated_at", time.time()]
     for name, value in fields.items():
         args.extend((name, value))
-    reason = await redis.register_script(_MARK_RUNNING)(keys=[keys.job(job_id)], args=args)
+    reason = await calls.script(_MARK_RUNNING, [keys.job(job_id)], list(args))
     return None if reason is None else text(reason)
+
+
+async def settle(
+    calls: AutoPipeline,
+    keys: Keys,
+    job_id: str,
+    state: JobState,
+    ttl_s: int,
+    *,
+    stream: str,
+    entry_id: str,
+    **fields: str | int | float,
+) -> None:
+    """Record how the job ended, then acknowledge its entry, in that order, in one round trip
+    (shared with the other jobs that end in the same tick).
+
+    State before ack: an entry redelivered after a crash in between finds the record (and the
+    lease) done, and is only acknowledged.
+    """
+    record = keys.job(job_id)
+    pairs: list[str | int | float] = ["state", state, "updated_at", time.time()]
+    pairs += ["entry_id", entry_id]
+    for name, value in fields.items():
+        pairs.extend((name, value))
+    await asyncio.gather(
+        calls.call("HSET", record, *pairs),
+        calls.call("EXPIRE", record, ttl_s),
+        calls.call("XACK", stream, JOBS_GROUP, entry_id),
+    )
 
 
 async def get_record(redis: Redis, keys: Keys, job_id: str) -> dict[str, str]:

@@ -10,12 +10,14 @@ lives in the session's hash slot, beside the history it guards (shared/lease.lua
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
 from shared import codec
+from shared.autopipeline import AutoPipeline
 from shared.keys import Keys
-from shared.scripts import load_script, unpack_ids
+from shared.scripts import script_source, unpack_ids
 from shared.stream.publish import Fence
 
 
@@ -68,11 +70,24 @@ def lease_keys(keys: Keys, session_id: str, job_id: str) -> list[str]:
 
 
 class Leases:
-    def __init__(self, redis: Redis, keys: Keys, *, ttl_s: float, keep_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        ttl_s: float,
+        keep_s: int,
+        calls: AutoPipeline | None = None,
+    ) -> None:
         self._keys = keys
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self._keep = str(keep_s)
-        self._script = load_script(redis, "lease")
+        # Many jobs taking their leases in one tick share a round trip.
+        self._calls = calls if calls is not None else AutoPipeline(redis)
+        self._source = script_source("lease")
+
+    async def _script(self, *, keys: list[str], args: list[str]) -> Any:
+        return await self._calls.script(self._source, keys, list(args))
 
     def _keys_of(self, session_id: str, job_id: str) -> list[str]:
         return lease_keys(self._keys, session_id, job_id)

@@ -160,8 +160,8 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(
         15.0,
         description="Longest a worker waits between publish flushes to coalesce deltas: the "
-        "wait grows from 0 with the jobs a flush carries, to this at 64 (a job's start, first "
-        "token and end never wait).",
+        "wait grows from 0 with the jobs open on the worker, to this at 64 (a job's start, "
+        "first token and end wait a quarter of it at most).",
     )
     block_ms: int = Field(2_000, description="XREADGROUP BLOCK time of a worker.")
     heartbeat_s: float = Field(5.0, description="Seconds between worker heartbeats.")
@@ -214,6 +214,14 @@ class Settings(BaseSettings):
     )
     engine_args: str = Field(
         "{}", description='vLLM: more AsyncEngineArgs as a JSON object, e.g. {"seed": 0}.'
+    )
+    stream_interval_max: int = Field(
+        8,
+        ge=1,
+        description="vLLM: most tokens of a request the engine gathers before handing them to "
+        "the worker. A worker running few jobs takes each token at once; one more per 8 jobs "
+        "running, up to this, so a busy worker handles fewer, larger outputs. The first token "
+        "always comes at once.",
     )
 
     # Synthetic engine

@@ -5,10 +5,13 @@ itself ready here. One task takes a batch from every ready job and sends them al
 trip (``SessionPublisher.publish_many``: a pipeline of one script call per session), so a busy
 worker pays one round trip per tick instead of one per job per window.
 
-The tick adapts: the next flush starts no sooner than ``window`` after the last one began, and
-the window grows with the number of jobs the last flush carried (up to ``max_window_ms`` at
-``saturate_jobs``): an idle worker publishes at once, a busy one coalesces more tokens into each
-call. Urgent batches (a job's start, its first token, its end) cut the wait short and go first.
+The tick adapts to load: the next flush starts no sooner than ``window`` after the last one
+began, and the window grows with the jobs open on the worker (up to ``max_window_ms`` at
+``saturate_jobs``): an idle worker publishes at once, a busy one coalesces many jobs' batches
+into each round trip. Counting open jobs, not the jobs the last flush carried, matters when
+each job says little (1 token/s): a window sized by the last flush would stay near zero and
+every batch would pay a round trip of its own. Urgent batches (a job's start, its first token,
+its end) go first and wait a quarter of the window at most.
 Up to ``in_flight`` flushes overlap (the next is packed while Redis runs the last), but a job
 has at most one batch in flight, so its batches land in order.
 """
@@ -25,6 +28,9 @@ from shared.outage import ride_out
 from shared.stream.publish import Batch, Published, SessionPublisher
 
 logger = logging.getLogger("tokenbus.worker.batcher")
+
+#: Of the window, what an urgent batch (a start, a first token, an end) may wait.
+URGENT_SHARE = 0.25
 
 
 class Source(Protocol):
@@ -54,6 +60,7 @@ class PublishBatcher:
         # dicts as ordered sets: first come, first flushed
         self._ready: dict[Source, None] = {}
         self._urgent: dict[Source, None] = {}
+        self._open: set[Source] = set()  # jobs publishing on this worker
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -61,9 +68,17 @@ class PublishBatcher:
         self._flights: set[asyncio.Task[None]] = set()
         self._closed = False
         self._last_start = 0.0
-        self.window = 0.0  # seconds; the current coalescing window
         self.flushes = 0
         self.batches = 0
+
+    @property
+    def window(self) -> float:
+        """Seconds between flush starts, at the worker's load now."""
+        return self._max_window * min(1.0, len(self._open) / self._saturate)
+
+    def join(self, source: Source) -> None:
+        """``source`` publishes on this worker until ``forget``: it counts towards the load."""
+        self._open.add(source)
 
     def ready(self, source: Source, *, urgent: bool = False) -> None:
         """``source`` has something to publish; ``urgent``: in the very next flush."""
@@ -79,6 +94,7 @@ class PublishBatcher:
             self._task = asyncio.create_task(self._run(), name="publish-batcher")
 
     def forget(self, source: Source) -> None:
+        self._open.discard(source)
         self._ready.pop(source, None)
         self._urgent.pop(source, None)
 
@@ -109,12 +125,14 @@ class PublishBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            delay = self._last_start + self.window - loop.time()
-            if delay > 0 and not self._urgent:
+            wait = self.window * (URGENT_SHARE if self._urgent else 1.0)
+            delay = self._last_start + wait - loop.time()
+            if delay > 0:
                 self._hurry.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._hurry.wait()
+                continue  # an urgent batch may have come: its shorter wait may be over
             # A free flight first, then the batches: what arrives while waiting goes in them.
             await self._slots.acquire()
             sources = [*self._urgent, *(s for s in self._ready if s not in self._urgent)]
@@ -129,7 +147,6 @@ class PublishBatcher:
                 self._slots.release()
                 continue
             self._last_start = loop.time()
-            self.window = self._max_window * min(1.0, len(taken) / self._saturate)
             # Flushes overlap (the next is packed while Redis runs this one) yet a job's own
             # batches never do: take() gives nothing for a job whose batch is still in flight.
             flight = asyncio.create_task(self._flush(taken))

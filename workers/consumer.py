@@ -18,6 +18,7 @@ import time
 
 from redis.exceptions import RedisError, ResponseError
 
+from shared.autopipeline import AutoPipeline
 from shared.codec import BadJob, decode_job
 from shared.conversation import Conversations
 from shared.keys import JOBS_GROUP, Keys
@@ -88,8 +89,14 @@ class Worker:
             max_window_ms=settings.batch_window_ms,
             hold_s=settings.outage_hold_s,
         )
+        #: Jobs' bookkeeping commands (leases, records, acks) issued in one tick share a trip.
+        self.calls = AutoPipeline(self.redis)
         self.leases = Leases(
-            self.redis, self.keys, ttl_s=settings.lease_ttl_s, keep_s=settings.history_ttl_s
+            self.redis,
+            self.keys,
+            ttl_s=settings.lease_ttl_s,
+            keep_s=settings.history_ttl_s,
+            calls=self.calls,
         )
         self.conversations = Conversations.from_settings(self.redis, self.keys, settings)
         self.recovery = Recovery(self)

@@ -3,7 +3,7 @@
 The engine's deltas are buffered here and leave in the worker's next flush
 (``workers.batcher.PublishBatcher``), merged into one Delta per flush: a fast engine costs
 one script call per flush, not one per token. The start, the first token and the end are
-urgent: they go in the very next flush, ahead of other jobs' deltas.
+urgent: they go first in the next flush, which waits a quarter of the batcher's window at most.
 
 Every batch is fenced by the job's lease (``shared.stream.publish.Fence``): a publisher whose
 job moved to another worker gets StaleFence and must stop. While Redis is unreachable the
@@ -67,6 +67,7 @@ class JobPublisher:
         self._answer: list[str] = [prefix] if prefix else []  # the whole answer, as generated
         self.ended = False
         self.published_tokens = 0
+        batcher.join(self)
 
     async def start(self, attempt: int = 0) -> None:
         """Queue StreamStart for the very next flush; the engine need not wait for it to land.
@@ -97,10 +98,7 @@ class JobPublisher:
         # The first token alone, at once, and landed before the next is taken: time to first
         # token is what users feel.
         self._first_sent = True
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._batcher.ready(self, urgent=True)
-        await waiter
+        await self._landing()
 
     async def end(self, finish_reason: FinishReason, usage: Usage | None = None) -> None:
         """Publish what is buffered and StreamEnd, in one script call."""
@@ -155,10 +153,8 @@ class JobPublisher:
         self._flight = None
         if isinstance(result, BaseException):
             self._failure = self._failure or result
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(result)
-            for waiter in self._waiters:  # later batches can only fail the same way
+            # Later batches can only fail the same way.
+            for waiter in [*waiters, *self._waiters]:
                 if not waiter.done():
                     waiter.set_exception(result)
             self._waiters = []
@@ -188,6 +184,10 @@ class JobPublisher:
         """Queue ``event`` after what is buffered; returns once it was published."""
         self._raise_failure()
         self._queue(encode_event(event))
+        await self._landing()
+
+    async def _landing(self) -> None:
+        """Send what is queued in the next flush, urgently; return once it has landed."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._batcher.ready(self, urgent=True)

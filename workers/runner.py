@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from shared.conversation import Exchange
-from shared.jobs import JobState, mark_running, set_state
+from shared.jobs import JobState, mark_running, set_state, settle
 from shared.keys import JOBS_GROUP
 from shared.lease import Acquired, Busy, Done, Progress
 from shared.logs import log
@@ -121,18 +121,17 @@ class JobRunner:
 
     async def _finish(self, outcome: Outcome) -> None:
         w, running = self.w, self.running
-        # State before ack: a redelivered entry whose lease is done is only acknowledged.
-        await set_state(
-            w.redis,
+        await settle(
+            w.calls,
             w.keys,
             self.job.id,
             outcome.state,
             w.settings.job_ttl_s,
-            finish=outcome.finish,
+            stream=w.stream,
             entry_id=running.entry_id,
+            finish=outcome.finish,
             finished_at=time.time(),
         )
-        await w.redis.xack(w.stream, JOBS_GROUP, running.entry_id)
 
     async def _attempt(self) -> Outcome | None:
         """Publish the job's events up to its terminal one; None when it is not ours to run."""
@@ -176,7 +175,7 @@ class JobRunner:
                 )
                 return Outcome("failed", "deadline_exceeded")
             cancelled = await mark_running(
-                w.redis,
+                w.calls,
                 w.keys,
                 job.id,
                 settings.job_ttl_s,

@@ -263,6 +263,16 @@ class VllmEngine:
             whole = self._whole[last] = "\ufffd" not in text
         return not whole and self._mid_character(ids)
 
+    def stream_interval(self) -> int:
+        """Tokens vLLM gathers per output of a new request, by how busy this worker is.
+
+        Each output costs the worker about the same whatever it holds (vLLM's output handler,
+        this loop, the publisher), and the batcher merges a busy worker's tokens into fewer
+        deltas anyway, so gathering them in the engine first changes little of what clients
+        receive and saves the worker most of its per-token work.
+        """
+        return max(1, min(self._settings.stream_interval_max, len(self._requests) // 8))
+
     def sampling_params(self, job: Job, room: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -278,6 +288,7 @@ class VllmEngine:
                 frequency_penalty=s.frequency_penalty,
                 max_tokens=room,
                 output_kind=RequestOutputKind.DELTA,
+                stream_interval=self.stream_interval(),
             )
         except Exception as exc:  # vLLM's validation errors are not all ValueErrors
             raise EngineError("invalid_sampling", str(exc)) from exc
