@@ -216,12 +216,12 @@ class Settings(BaseSettings):
         "{}", description='vLLM: more AsyncEngineArgs as a JSON object, e.g. {"seed": 0}.'
     )
     stream_interval_max: int = Field(
-        8,
+        16,
         ge=1,
         description="vLLM: most tokens of a request the engine gathers before handing them to "
-        "the worker. A worker running few jobs takes each token at once; one more per 8 jobs "
-        "running, up to this, so a busy worker handles fewer, larger outputs. The first token "
-        "always comes at once.",
+        "the worker (vLLM's per-request stream_interval). A worker running one job takes each "
+        "token at once; one more per 2 jobs running, up to this, so a busy worker handles "
+        "fewer, larger outputs. The first token always comes at once; 1 turns this off.",
     )
 
     # Synthetic engine

@@ -305,3 +305,20 @@ async def test_interrupted_answer_continues_from_published_text_without_repeats(
     assert_contiguous(events)
     assert end["usage"]["completion_tokens"] == max_tokens
     assert await redis.hget(keys.job(job.id), "attempts") == b"2"
+
+
+def test_stream_interval_grows_with_the_jobs_running(settings: Settings) -> None:
+    from workers.vllm_engine import VllmEngine
+
+    engine = VllmEngine(settings.model_copy(update={"stream_interval_max": 16}))
+    running = engine._requests  # job id -> request id: what the engine runs now
+    assert engine.stream_interval() == 1  # a lone answer streams token by token
+    running["a"] = "ra"
+    assert engine.stream_interval() == 1
+    running.update({f"j{i}": f"r{i}" for i in range(15)})
+    assert engine.stream_interval() == 8  # 16 running
+    running.update({f"k{i}": f"r{i}" for i in range(48)})
+    assert engine.stream_interval() == 16  # 64 running: the cap
+    off = VllmEngine(settings.model_copy(update={"stream_interval_max": 1}))
+    off._requests.update(running)
+    assert off.stream_interval() == 1

@@ -267,11 +267,12 @@ class VllmEngine:
         """Tokens vLLM gathers per output of a new request, by how busy this worker is.
 
         Each output costs the worker about the same whatever it holds (vLLM's output handler,
-        this loop, the publisher), and the batcher merges a busy worker's tokens into fewer
-        deltas anyway, so gathering them in the engine first changes little of what clients
-        receive and saves the worker most of its per-token work.
+        this loop, the publisher), and a busy worker's batcher merges tokens into fewer deltas
+        anyway. With the tiny model on 2 cores (``tokenbus bench engine``, bench/RESULTS.md)
+        gathering raised tokenbus's tokens/s at 16 and 64 answers at once by a third to a
+        half. One job alone is untouched (1): a lone answer streams token by token.
         """
-        return max(1, min(self._settings.stream_interval_max, len(self._requests) // 8))
+        return max(1, min(self._settings.stream_interval_max, len(self._requests) // 2))
 
     def sampling_params(self, job: Job, room: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
