@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.measure import machine_busy_seconds
+
 TOPICS = (
     "a lighthouse keeper who finds a map",
     "two robots learning to cook",
@@ -149,12 +151,12 @@ async def run_levels(
     out = []
     for concurrency, requests in levels:
         pids = system_pids()
-        client0, system0, machine0 = own_cpu_s(), tree_cpu_s(pids), machine_busy_s()
+        client0, system0, machine0 = own_cpu_s(), tree_cpu_s(pids), machine_busy_seconds()
         level = await closed_loop(send, concurrency, concurrency, requests)
         level.client_cpu_s = own_cpu_s() - client0
         level.system_cpu_s = tree_cpu_s(pids) - system0
         ours = level.system_cpu_s + (0.0 if os.getpid() in pids else level.client_cpu_s)
-        level.other_cpu_s = max(0.0, machine_busy_s() - machine0 - ours)
+        level.other_cpu_s = max(0.0, machine_busy_seconds() - machine0 - ours)
         tokens = sum(r.tokens for r in level.records)
         errors = sum(not r.ok for r in level.records)
         say(
@@ -173,17 +175,6 @@ def _first_error(records: Sequence[Record]) -> str:
 def own_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (all cores, /proc/stat); nan off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return math.nan
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_s(roots: Sequence[int]) -> float:

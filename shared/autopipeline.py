@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -55,7 +56,7 @@ class AutoPipeline:
                 raise reply
         return cast(list[Any], done[-1])
 
-    async def script(self, source: str, keys: list[str], args: list[EncodableT]) -> Any:
+    async def script(self, source: str, keys: Sequence[str], args: Sequence[EncodableT]) -> Any:
         """Run a Lua script by its SHA, loading it once where Redis does not know it (a new or
         restarted server)."""
         sha = self._shas.get(source)

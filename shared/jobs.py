@@ -114,14 +114,20 @@ async def queue_depth(redis: Redis, keys: Keys, model: str) -> int:
     return int(await redis.xlen(stream))
 
 
+def _state_fields(state: JobState, fields: dict[str, str | int | float]) -> list[EncodableT]:
+    """A record's new state as HSET field, value pairs: the state, when, and ``fields``."""
+    pairs: list[EncodableT] = ["state", state, "updated_at", time.time()]
+    for name, value in fields.items():
+        pairs += [name, value]
+    return pairs
+
+
 async def set_state(
     redis: Redis, keys: Keys, job_id: str, state: JobState, ttl_s: int, **fields: str | int | float
 ) -> None:
     record = keys.job(job_id)
-    mapping: dict[str | bytes, str | int | float] = {"state": state, "updated_at": time.time()}
-    mapping.update(fields)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(record, mapping=mapping)  # type: ignore[arg-type]
+        pipe.hset(record, items=_state_fields(state, fields))
         pipe.expire(record, ttl_s)
         await pipe.execute()
 
@@ -145,10 +151,8 @@ async def mark_running(
     One script where reading the record and then writing it took two round trips; jobs that
     start in the same tick share one.
     """
-    args: list[str | int | float] = [ttl_s, "state", "running", "updated_at", time.time()]
-    for name, value in fields.items():
-        args.extend((name, value))
-    reason = await calls.script(_MARK_RUNNING, [keys.job(job_id)], list(args))
+    args = [ttl_s, *_state_fields("running", fields)]
+    reason = await calls.script(_MARK_RUNNING, [keys.job(job_id)], args)
     return None if reason is None else text(reason)
 
 
@@ -170,10 +174,7 @@ async def settle(
     lease) done, and is only acknowledged.
     """
     record = keys.job(job_id)
-    pairs: list[str | int | float] = ["state", state, "updated_at", time.time()]
-    pairs += ["entry_id", entry_id]
-    for name, value in fields.items():
-        pairs.extend((name, value))
+    pairs = _state_fields(state, {"entry_id": entry_id, **fields})
     await asyncio.gather(
         calls.call("HSET", record, *pairs),
         calls.call("EXPIRE", record, ttl_s),

@@ -87,7 +87,7 @@ class Leases:
         self._source = script_source("lease")
 
     async def _script(self, *, keys: list[str], args: list[str]) -> Any:
-        return await self._calls.script(self._source, keys, list(args))
+        return await self._calls.script(self._source, keys, args)
 
     def _keys_of(self, session_id: str, job_id: str) -> list[str]:
         return lease_keys(self._keys, session_id, job_id)

@@ -33,7 +33,7 @@ from workers.control import control_tail, read_control
 from workers.deadletter import refuse
 from workers.engine import Engine, EngineDelta
 from workers.engines import make_engine
-from workers.heartbeat import beat, beat_sync
+from workers.heartbeat import Beat, beat, beat_sync
 from workers.intake import Fields, check_limits, stream_entries, usable_ids
 from workers.lease_keeper import LeaseKeeper
 from workers.metrics import WorkerMetrics
@@ -108,16 +108,7 @@ class Worker:
             ttl_ms=self.leases.ttl_ms,
             stall_s=max(10.0, 5 * settings.lease_ttl_s),
             on_lost=self._lease_lost,
-            beat=lambda client: beat_sync(
-                client,
-                self.keys,
-                worker_id=self.consumer,
-                model=settings.model,
-                slots=settings.worker_slots,
-                running=len(self._tasks),
-                started_at=self._started_at,
-                interval_s=settings.heartbeat_s,
-            ),
+            beat=lambda client: beat_sync(client, self.keys, self._beat_now()),
             beat_s=settings.heartbeat_s,
         )
         self.state = WorkerState.NEW
@@ -414,10 +405,8 @@ class Worker:
         log(logger, "cancel_requested", job_id=job_id, reason=reason)
         await self.engine.abort(job_id)
 
-    async def _beat(self) -> None:
-        await beat(
-            self.redis,
-            self.keys,
+    def _beat_now(self) -> Beat:
+        return Beat(
             worker_id=self.consumer,
             model=self.settings.model,
             slots=self.settings.worker_slots,
@@ -425,6 +414,9 @@ class Worker:
             started_at=self._started_at,
             interval_s=self.settings.heartbeat_s,
         )
+
+    async def _beat(self) -> None:
+        await beat(self.redis, self.keys, self._beat_now())
 
     def count_tokens(
         self, delta: EngineDelta, last_t: float | None, job: Job, *, continued: bool
