@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from shared.codec import text as text_of
@@ -322,3 +323,9 @@ def test_stream_interval_grows_with_the_jobs_running(settings: Settings) -> None
     off = VllmEngine(settings.model_copy(update={"stream_interval_max": 1}))
     off._requests.update(running)
     assert off.stream_interval() == 1
+
+
+def test_a_stream_interval_below_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENBUS_STREAM_INTERVAL_MAX", "0")
+    with pytest.raises(ValidationError, match="stream_interval_max"):
+        Settings()
