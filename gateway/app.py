@@ -201,7 +201,7 @@ def create_app(settings: Settings) -> web.Application:
             redis=redis,
             hub=hub,
             history=History(redis, keys),
-            intake=Intake(redis, keys, settings),
+            intake=(intake := Intake(redis, keys, settings)),
             conversations=Conversations.from_settings(redis, keys, settings),
             secret=secret,
             metrics=gateway_metrics,
@@ -215,6 +215,7 @@ def create_app(settings: Settings) -> web.Application:
         )
         yield
         await hub.close()
+        await intake.aclose()
         await redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)

@@ -38,6 +38,8 @@ from shared.protocol import EventDict
 logger = logging.getLogger("tokenbus.gateway.hub")
 
 SUBSCRIBE_TIMEOUT_S = 10.0
+#: How long channels left wait to go out together in one UNSUBSCRIBE.
+UNSUBSCRIBE_AFTER_S = 0.05
 #: Longest wait for a reply before the reader looks again (a health-check PING when idle).
 READ_WAIT_S = 1.0
 #: Called once per live event received, before fan-out (metrics); must not block.
@@ -65,6 +67,7 @@ class Hub:
         self._subscribe_timeout_s = subscribe_timeout_s
         self._pubsub: PubSub | None = None
         self._subscribers: dict[str, set[Subscriber]] = {}
+        self._leaving: set[str] = set()  # channels left, to unsubscribe in one go
         self._ready: dict[str, asyncio.Future[None]] = {}
         #: SUBSCRIBE commands sent, per channel, not yet confirmed (no entry: none pending).
         self._unacked: dict[str, int] = {}
@@ -146,12 +149,25 @@ class Hub:
                 ready.cancel()
             self._recovering.discard(channel)
             if self._pubsub is not None and self.connected:
-                task = asyncio.create_task(self._unsubscribe(channel))
-                task.add_done_callback(_log_failure)
+                if not self._leaving:
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(UNSUBSCRIBE_AFTER_S, self._unsubscribe_left)
+                self._leaving.add(channel)
 
-    async def _unsubscribe(self, channel: str) -> None:
-        if self._pubsub is not None and channel not in self._subscribers:
-            await self._pubsub.unsubscribe(channel)
+    def _unsubscribe_left(self) -> None:
+        """One UNSUBSCRIBE for the channels left since the last: streams end in bursts (a
+        flush ends many answers at once), and each UNSUBSCRIBE was a write of its own. A
+        channel taken again meanwhile stays subscribed; what Redis sends on the others in
+        the meantime finds no subscriber and is dropped."""
+        channels = [c for c in self._leaving if c not in self._subscribers]
+        self._leaving.clear()
+        if channels and self._pubsub is not None and self.connected:
+            task = asyncio.create_task(self._unsubscribe(self._pubsub, channels))
+            task.add_done_callback(_log_failure)
+
+    @staticmethod
+    async def _unsubscribe(pubsub: PubSub, channels: list[str]) -> None:
+        await pubsub.unsubscribe(*channels)
 
     async def _send_subscribe(self, channel: str) -> None:
         self._unacked[channel] = self._unacked.get(channel, 0) + 1

@@ -29,6 +29,7 @@ from shared.jobs import (
 from shared.keys import Keys
 from shared.protocol import Job
 from shared.settings import Settings
+from shared.wire import Wire
 
 #: HTTP header that carries a job request's idempotency key (the body's ``idempotency_key``
 #: field, and a WebSocket prompt's, say the same).
@@ -81,14 +82,19 @@ class Intake:
         self._redis = redis
         self._keys = keys
         self._settings = settings
-        # Jobs posted in the same tick (a burst) share the enqueue's round trip.
-        self._calls = AutoPipeline(redis)
+        # Jobs posted in the same tick (a burst) share the enqueue's round trip, on a
+        # connection of its own (shared.wire: no redis-py machinery per trip).
+        self._wire = Wire(settings.redis_url)
+        self._calls = AutoPipeline(self._wire)
         # A job POST is one round trip (the enqueue) while the checks before it can be answered
         # from what this gateway read moments ago: a model's last heartbeat (only ever a
         # lower bound of the real one) and a queue depth far below its limit, plus the jobs
         # enqueued here since. Near the limit, or once a reading is old, Redis is asked again.
         self._alive: dict[str, tuple[float, float]] = {}  # model: (heartbeat, read at)
         self._depth: dict[str, tuple[int, float]] = {}  # model: (depth + enqueued since, read at)
+
+    async def aclose(self) -> None:
+        await self._wire.aclose()
 
     async def live_models(self) -> dict[str, float]:
         """Models some worker announced recently, with the time it last did."""

@@ -144,15 +144,21 @@ return false
 
 
 async def mark_running(
-    calls: AutoPipeline, keys: Keys, job_id: str, ttl_s: int, **fields: str | int | float
+    calls: AutoPipeline,
+    keys: Keys,
+    job_id: str,
+    ttl_s: int,
+    *,
+    within: float = 0.0,
+    **fields: str | int | float,
 ) -> str | None:
     """Set the job's state to running, unless a cancel came first: then its reason, untouched.
 
     One script where reading the record and then writing it took two round trips; jobs that
-    start in the same tick share one.
+    start in the same tick share one, and ``within`` lets it ride with the job's first publish.
     """
     args = [ttl_s, *_state_fields("running", fields)]
-    reason = await calls.script(_MARK_RUNNING, [keys.job(job_id)], args)
+    reason = await calls.script(_MARK_RUNNING, [keys.job(job_id)], args, within=within)
     return None if reason is None else text(reason)
 
 
@@ -165,10 +171,12 @@ async def settle(
     *,
     stream: str,
     entry_id: str,
+    within: float = 0.0,
     **fields: str | int | float,
 ) -> None:
     """Record how the job ended, then acknowledge its entry, in that order, in one round trip
-    (shared with the other jobs that end in the same tick).
+    (shared with the other jobs that end in the same tick; ``within`` seconds, with whatever
+    round trip goes next).
 
     State before ack: an entry redelivered after a crash in between finds the record (and the
     lease) done, and is only acknowledged.
@@ -176,9 +184,9 @@ async def settle(
     record = keys.job(job_id)
     pairs = _state_fields(state, {"entry_id": entry_id, **fields})
     await asyncio.gather(
-        calls.call("HSET", record, *pairs),
-        calls.call("EXPIRE", record, ttl_s),
-        calls.call("XACK", stream, JOBS_GROUP, entry_id),
+        calls.call("HSET", record, *pairs, within=within),
+        calls.call("EXPIRE", record, ttl_s, within=within),
+        calls.call("XACK", stream, JOBS_GROUP, entry_id, within=within),
     )
 
 

@@ -76,6 +76,11 @@ class PublishBatcher:
         """Seconds between flush starts, at the worker's load now."""
         return self._max_window * min(1.0, len(self._open) / self._saturate)
 
+    @property
+    def urgent_window(self) -> float:
+        """The most an urgent batch waits for others to join it, at the worker's load now."""
+        return self.window * URGENT_SHARE
+
     def join(self, source: Source) -> None:
         """``source`` publishes on this worker until ``forget``: it counts towards the load."""
         self._open.add(source)

@@ -28,6 +28,7 @@ from shared.protocol import Job
 from shared.redis_client import connect
 from shared.settings import Settings
 from shared.stream.publish import SessionPublisher
+from shared.wire import Wire
 from workers.batcher import PublishBatcher
 from workers.control import control_tail, read_control
 from workers.deadletter import refuse
@@ -78,19 +79,26 @@ class Worker:
         self.redis = connect(settings)
         # Blocking reads get a client whose socket timeout outlasts BLOCK.
         self._blocking = connect(settings, block_ms=settings.block_ms)
+        # New jobs are read on a connection of their own (a BLOCK holds it): one read per job
+        # at low rates, so without redis-py's per-command machinery (shared.wire).
+        self._jobs_wire = Wire(settings.redis_url, timeout_s=5.0 + settings.block_ms / 1000)
+
+        #: Jobs' bookkeeping commands (leases, records, acks) issued in one tick share a trip,
+        #: on a connection of its own (shared.wire: no redis-py machinery per trip).
+        self._wire = Wire(settings.redis_url)
+        self.calls = AutoPipeline(self._wire)
         self.sessions = SessionPublisher(
             self.redis,
             self.keys,
             history_maxlen=settings.history_maxlen,
             ttl_s=settings.history_ttl_s,
+            calls=self.calls,
         )
         self.batcher = PublishBatcher(
             self.sessions,
             max_window_ms=settings.batch_window_ms,
             hold_s=settings.outage_hold_s,
         )
-        #: Jobs' bookkeeping commands (leases, records, acks) issued in one tick share a trip.
-        self.calls = AutoPipeline(self.redis)
         self.leases = Leases(
             self.redis,
             self.keys,
@@ -223,6 +231,8 @@ class Worker:
         with contextlib.suppress(RedisError):
             await self.redis.delete(self.keys.worker(self.consumer))
         await self.batcher.close()
+        await self._wire.aclose()
+        await self._jobs_wire.aclose()
         await self._blocking.aclose()
         await self.redis.aclose()
         log(logger, "worker_stopped", consumer=self.consumer)
@@ -287,10 +297,11 @@ class Worker:
                     self._last_reclaim = now
                     entries = await self.recovery.reclaim(free)
                 if not entries:
-                    reply = await self._blocking.xreadgroup(
-                        JOBS_GROUP, self.consumer, {self.stream: ">"}, count=free, block=block_ms
-                    )
-                    entries = stream_entries(reply)
+                    command: tuple[str | int, ...] = ("XREADGROUP", "GROUP", JOBS_GROUP)
+                    command += (self.consumer, "COUNT", free, "BLOCK", block_ms)
+                    command += ("STREAMS", self.stream, ">")
+                    (read,) = await self._jobs_wire.execute([command])
+                    entries = stream_entries(await read)
                 failures = 0
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):

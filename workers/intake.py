@@ -21,18 +21,23 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9_\-.:]+$")
 
 
 def stream_entries(reply: Any) -> list[Entry]:
-    """The entries of an XREAD/XREADGROUP reply, whichever shape redis-py gave it."""
+    """The entries of an XREAD/XREADGROUP reply, whichever shape redis-py (or shared.wire,
+    raw RESP2) gave it."""
     if not reply:
         return []
-    per_stream = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
+    resp3 = isinstance(reply, dict)
+    per_stream = reply.values() if resp3 else (item[1] for item in reply)
     out: list[Entry] = []
     for entries in per_stream:
         # RESP3 replies wrap each stream's entries in one more list.
-        if entries and isinstance(entries[0], list):
+        if resp3 and entries and isinstance(entries[0], list):
             entries = entries[0]
         for entry_id, fields in entries:
-            if fields is not None:  # None: the entry was deleted while pending
-                out.append((text(entry_id), fields))
+            if fields is None:  # the entry was deleted while pending
+                continue
+            if isinstance(fields, list):  # a raw RESP2 reply (shared.wire): field, value, ...
+                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+            out.append((text(entry_id), fields))
     return out
 
 

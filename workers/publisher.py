@@ -70,17 +70,19 @@ class JobPublisher:
         batcher.join(self)
 
     async def start(self, attempt: int = 0) -> None:
-        """Queue StreamStart for the very next flush; the engine need not wait for it to land.
+        """Queue StreamStart for the next flush; the engine need not wait for it to land.
 
-        What follows is published after it (one job's batches land in order); a failure to
-        publish it is raised by the next add or end.
+        Not urgent: it goes with the next tick's flush (or with the first token, whichever
+        comes first), instead of costing an urgent flush of its own per job. What follows is
+        published after it (one job's batches land in order); a failure to publish it is
+        raised by the next add or end.
         """
         self._raise_failure()
         start = StreamStart(
             job_id=self._job_id, model=self._model, attempt=attempt, created_at=self._created_at
         )
         self._queue(encode_event(start))
-        self._batcher.ready(self, urgent=True)
+        self._batcher.ready(self)
 
     async def add(self, delta: EngineDelta) -> None:
         """Buffer ``delta`` for the next flush; a final delta also ends the job with StreamEnd."""
@@ -93,7 +95,7 @@ class JobPublisher:
             return
         self._buffer(delta)
         if self._first_sent:
-            self._batcher.ready(self)
+            self._batcher.ready(self, urgent=True)
             return
         # The first token alone, at once, and landed before the next is taken: time to first
         # token is what users feel.
@@ -190,7 +192,7 @@ class JobPublisher:
         """Send what is queued in the next flush, urgently; return once it has landed."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self._batcher.ready(self, urgent=True)
+        self._batcher.ready(self)
         await waiter
 
     def _queue(self, event: str) -> None:

@@ -121,6 +121,7 @@ class JobRunner:
 
     async def _finish(self, outcome: Outcome) -> None:
         w, running = self.w, self.running
+        # The end has landed; the record and the ack may ride with the next round trip.
         await settle(
             w.calls,
             w.keys,
@@ -129,6 +130,7 @@ class JobRunner:
             w.settings.job_ttl_s,
             stream=w.stream,
             entry_id=running.entry_id,
+            within=w.batcher.window,
             finish=outcome.finish,
             finished_at=time.time(),
         )
@@ -179,6 +181,7 @@ class JobRunner:
                 w.keys,
                 job.id,
                 settings.job_ttl_s,
+                within=w.batcher.urgent_window,
                 worker=w.consumer,
                 entry_id=running.entry_id,
                 session_id=job.session_id,

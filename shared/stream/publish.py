@@ -9,6 +9,7 @@ in one round trip: a pipeline of one script call per batch, each touching one se
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,13 +17,16 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import codec
+from shared.autopipeline import AutoPipeline
 from shared.codec import AnyEvent, encode_event
 from shared.keys import Keys
 from shared.protocol import Delta
-from shared.scripts import load_script, pack_ids
+from shared.scripts import load_script, pack_ids, script_source
 
 
 @dataclass(slots=True)
@@ -87,12 +91,24 @@ def encode_delta(job_id: str, text: str, tokens: int, t: float) -> str:
 class SessionPublisher:
     """Publishes events on sessions: one atomic script call per batch."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, history_maxlen: int, ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        history_maxlen: int,
+        ttl_s: int,
+        calls: AutoPipeline | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._maxlen = str(history_maxlen)
         self._ttl = str(ttl_s)
         self._script = load_script(redis, "stream/publish")
+        self._source = script_source("stream/publish")
+        # Given the worker's AutoPipeline, a flush shares its round trip with the bookkeeping
+        # (leases, records, acks) issued in the same tick.
+        self._calls = calls
 
     async def publish(
         self, session_id: str, events: Sequence[AnyEvent], *, job_id: str = "_", text: str = ""
@@ -141,7 +157,10 @@ class SessionPublisher:
         if not batches:
             return []
         calls = [self._call(b) for b in batches]
-        replies = await self._pipeline(calls)
+        if self._calls is not None:
+            replies = await self._auto(self._calls, calls)
+        else:
+            replies = await self._pipeline(calls)
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis lost its script cache (a restart): load it, then resend only those calls,
             # which did not run.
@@ -161,6 +180,20 @@ class SessionPublisher:
             except (StaleFence, LostWrites) as exc:
                 results.append(exc)
         return results
+
+    async def _auto(
+        self, auto: AutoPipeline, calls: list[tuple[list[str], list[str | bytes]]]
+    ) -> list[object]:
+        source = self._source
+        replies: list[object] = await asyncio.gather(
+            *(auto.script(source, keys, args) for keys, args in calls), return_exceptions=True
+        )
+        for reply in replies:
+            if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
+                raise reply  # nothing says which calls were applied: the caller sends them again
+            if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def _pipeline(self, calls: list[tuple[list[str], list[str | bytes]]]) -> list[object]:
         # EVALSHA queued directly: redis-py's script-aware pipeline asks SCRIPT EXISTS first,
