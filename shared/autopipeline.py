@@ -96,14 +96,19 @@ class AutoPipeline:
     ) -> Any:
         """Run a Lua script by its SHA, loading it once where Redis does not know it (a new or
         restarted server). ``within``: as for ``call``."""
-        sha = self._shas.get(source)
-        if sha is None:
-            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+        sha = self.sha(source)
         try:
             return await self.call("EVALSHA", sha, len(keys), *keys, *args, within=within)
         except NoScriptError:
             await self.call("SCRIPT", "LOAD", source)
             return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+
+    def sha(self, source: str) -> str:
+        """The SHA1 a script's EVALSHA names it by (computed once per source)."""
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+        return sha
 
     def _send_riders(self) -> None:
         self._riders_due = None

@@ -35,10 +35,14 @@ Command = Sequence[EncodableT]
 
 def _reply(value: Any) -> Any:
     """hiredis's error objects, at any depth (EXEC's array), as redis-py's exceptions."""
-    if isinstance(value, hiredis.ReplyError):
+    kind = type(value)
+    if kind is list:
+        for v in value:
+            if type(v) is list or isinstance(v, hiredis.ReplyError):
+                return [_reply(v) for v in value]
+        return value
+    if kind is not bytes and isinstance(value, hiredis.ReplyError):
         return BaseParser.parse_error(str(value))  # type: ignore[no-untyped-call]
-    if isinstance(value, list) and any(isinstance(v, (hiredis.ReplyError, list)) for v in value):
-        return [_reply(v) for v in value]
     return value
 
 

@@ -80,7 +80,7 @@ class SyntheticEngine:
         self._ttft = max(settings.synthetic_ttft_ms, 0.0) / 1000.0
         tps = settings.synthetic_tokens_per_s
         self._interval = 1.0 / tps if tps > 0 else 0.0
-        self._aborts: dict[str, asyncio.Event] = {}
+        self._aborts: dict[str, _Abort] = {}
 
     async def start(self) -> None:
         return None
@@ -113,7 +113,7 @@ class SyntheticEngine:
         n_prompt = prompt_tokens(job, history, self._settings)
         if job.id in self._aborts:
             raise EngineError("duplicate_job", f"job {job.id} is already running")
-        aborted = asyncio.Event()
+        aborted = _Abort()
         self._aborts[job.id] = aborted
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -138,14 +138,44 @@ class SyntheticEngine:
                 del self._aborts[job.id]
 
 
-async def _sleep_until(aborted: asyncio.Event, due: float, loop: asyncio.AbstractEventLoop) -> bool:
+class _Abort:
+    """A job's abort flag, and the sleep it cuts short.
+
+    Not an ``asyncio.Event`` under ``asyncio.timeout_at``: that costs a Timeout, a timer and a
+    waiter task bookkeeping per token, and the engine sleeps once per token of every answer
+    (12,000 times a second at 600 answers x 20 tokens/s): a future and one timer handle do.
+    """
+
+    __slots__ = ("flag", "waiter")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    def set(self) -> None:
+        self.flag = True
+        _wake(self.waiter)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+async def _sleep_until(aborted: _Abort, due: float, loop: asyncio.AbstractEventLoop) -> bool:
     """Sleep until loop time ``due`` or an abort, whichever comes first; True when aborted."""
     if due <= loop.time():
         await asyncio.sleep(0)  # behind schedule: still let other jobs run
-    elif not aborted.is_set():
+    elif not aborted.flag:
+        waiter: asyncio.Future[None] = loop.create_future()
+        aborted.waiter = waiter
+        timer = loop.call_at(due, _wake, waiter)
         try:
-            async with asyncio.timeout_at(due):
-                await aborted.wait()
-        except TimeoutError:
-            pass
-    return aborted.is_set()
+            await waiter
+        finally:
+            timer.cancel()
+            aborted.waiter = None
+    return aborted.flag

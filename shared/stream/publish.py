@@ -184,10 +184,24 @@ class SessionPublisher:
     async def _auto(
         self, auto: AutoPipeline, calls: list[tuple[list[str], list[str | bytes]]]
     ) -> list[object]:
-        source = self._source
-        replies: list[object] = await asyncio.gather(
-            *(auto.script(source, keys, args) for keys, args in calls), return_exceptions=True
-        )
+        # Futures straight from the autopipeline: a task per call (gather of coroutines) cost
+        # more than the call itself on a flush of hundreds.
+        sha = auto.sha(self._source)
+        futures = [auto.call("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        replies: list[object] = await asyncio.gather(*futures, return_exceptions=True)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis lost its script cache (a restart): load it, then resend only those calls,
+            # which did not run.
+            await auto.call("SCRIPT", "LOAD", self._source)
+            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            resent = [
+                auto.call("EVALSHA", sha, len(calls[i][0]), *calls[i][0], *calls[i][1])
+                for i in again
+            ]
+            for i, reply in zip(
+                again, await asyncio.gather(*resent, return_exceptions=True), strict=True
+            ):
+                replies[i] = reply
         for reply in replies:
             if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
                 raise reply  # nothing says which calls were applied: the caller sends them again
