@@ -86,16 +86,25 @@ class Leases:
         self._calls = calls if calls is not None else AutoPipeline(redis)
         self._source = script_source("lease")
 
-    async def _script(self, *, keys: list[str], args: list[str]) -> Any:
-        return await self._calls.script(self._source, keys, args)
+    async def _script(self, *, keys: list[str], args: list[str], within: float = 0.0) -> Any:
+        return await self._calls.script(self._source, keys, args, within=within)
 
     def _keys_of(self, session_id: str, job_id: str) -> list[str]:
         return lease_keys(self._keys, session_id, job_id)
 
     async def acquire(
-        self, session_id: str, job_id: str, *, owner: str, entry_id: str, space: str
+        self,
+        session_id: str,
+        job_id: str,
+        *,
+        owner: str,
+        entry_id: str,
+        space: str,
+        within: float = 0.0,
     ) -> Acquired | Busy | Done:
         """Take the lease unless a live holder has it or the job is finished.
+
+        ``within``: seconds the call may wait to ride with another round trip (AutoPipeline).
 
         ``space`` names what this worker's token ids mean (engine and model): ids stored under
         another space are not handed back, and the new attempt continues from the text.
@@ -103,6 +112,7 @@ class Leases:
         reply = await self._script(
             keys=self._keys_of(session_id, job_id),
             args=["acquire", owner, entry_id, str(self.ttl_ms), space, self._keep],
+            within=within,
         )
         status = codec.text(reply[0])
         if status == "done":

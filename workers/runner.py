@@ -145,6 +145,7 @@ class JobRunner:
                 owner=w.consumer,
                 entry_id=running.entry_id,
                 space=w.engine.token_space,
+                within=w.batcher.urgent_window,
             ),
             hold_s=settings.outage_hold_s,
         )
