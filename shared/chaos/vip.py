@@ -42,6 +42,10 @@ class Vip:
         self._open.update((writer, up_writer))
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            # The run is over (its loop cancels what is left): asyncio's server would print a
+            # traceback per connection for a cancelled handler.
+            pass
         finally:
             for w in (writer, up_writer):
                 self._open.discard(w)
