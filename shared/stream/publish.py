@@ -157,18 +157,13 @@ class SessionPublisher:
         if not batches:
             return []
         calls = [self._call(b) for b in batches]
-        if self._calls is not None:
-            replies = await self._auto(self._calls, calls)
-        else:
-            replies = await self._pipeline(calls)
+        replies = await self._send(calls)
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis lost its script cache (a restart): load it, then resend only those calls,
             # which did not run.
             self._script.sha = await self._redis.script_load(self._script.script)
             again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            for i, reply in zip(
-                again, await self._pipeline([calls[i] for i in again]), strict=True
-            ):
+            for i, reply in zip(again, await self._send([calls[i] for i in again]), strict=True):
                 replies[i] = reply
         results: list[Published | Exception] = []
         for batch, reply in zip(batches, replies, strict=True):
@@ -181,6 +176,12 @@ class SessionPublisher:
                 results.append(exc)
         return results
 
+    async def _send(self, calls: list[tuple[list[str], list[str | bytes]]]) -> list[object]:
+        """One round trip of script calls; each call's reply or error reply, in order."""
+        if self._calls is not None:
+            return await self._auto(self._calls, calls)
+        return await self._pipeline(calls)
+
     async def _auto(
         self, auto: AutoPipeline, calls: list[tuple[list[str], list[str | bytes]]]
     ) -> list[object]:
@@ -189,19 +190,6 @@ class SessionPublisher:
         sha = auto.sha(self._source)
         futures = [auto.call("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
         replies: list[object] = await asyncio.gather(*futures, return_exceptions=True)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            # Redis lost its script cache (a restart): load it, then resend only those calls,
-            # which did not run.
-            await auto.call("SCRIPT", "LOAD", self._source)
-            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            resent = [
-                auto.call("EVALSHA", sha, len(calls[i][0]), *calls[i][0], *calls[i][1])
-                for i in again
-            ]
-            for i, reply in zip(
-                again, await asyncio.gather(*resent, return_exceptions=True), strict=True
-            ):
-                replies[i] = reply
         for reply in replies:
             if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
                 raise reply  # nothing says which calls were applied: the caller sends them again
