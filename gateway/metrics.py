@@ -59,6 +59,13 @@ class GatewayMetrics:
             ["transport"],
             registry=r,
         )
+        self.events_direct = LoopCounter(
+            "tokenbus_events_written_direct",
+            "Of the events written to clients, those written at once from the pub/sub reader "
+            "(the connection's write loop was idle and its socket had room).",
+            ["transport"],
+            registry=r,
+        )
         self.delivery_latency = LoopHistogram(
             "tokenbus_delivery_latency_seconds",
             "Engine emitting a delta's last token -> the delta written to a client.",
@@ -97,6 +104,7 @@ class GatewayMetrics:
             self.active_streams.labels(transport)
             self.slow_client_drops.labels(transport)
             self.events_delivered.labels(transport)
+            self.events_direct.labels(transport)
         self._max_jobs = max_tracked_jobs
         self._jobs: dict[str, _JobTiming] = {}
 
@@ -150,6 +158,7 @@ class ClientMetrics:
         self._active = metrics.active_streams.labels(transport)
         self._drops = metrics.slow_client_drops.labels(transport)
         self._delivered = metrics.events_delivered.labels(transport)
+        self._direct = metrics.events_direct.labels(transport)
         self._latency = metrics.delivery_latency
         self._open = False
 
@@ -165,6 +174,12 @@ class ClientMetrics:
 
     def dropped_slow(self) -> None:
         self._drops.inc()
+
+    def written_directly(self, event: EventDict) -> None:
+        """``event`` was written from the pub/sub reader, past the write loop."""
+        self.written((event,))
+        if "offset" in event:
+            self._direct.inc()
 
     def written(self, events: Iterable[EventDict]) -> None:
         """``events`` were just written to the client."""

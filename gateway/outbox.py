@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from shared.codec import dump_event
@@ -26,6 +26,10 @@ SLOW_CONSUMER = "slow_consumer"
 #: Why a connection was cut: a write to it waited longer than the stall limit.
 STALLED = "stalled"
 _OVERHEAD = 96  # rough bytes of JSON around a delta's text
+
+#: Writes one event to the client at once, synchronously; False when it cannot without waiting
+#: (the transport's buffer is full, or it is closing): the event is queued as usual then.
+Direct = Callable[["Outgoing"], bool]
 
 
 @dataclass(slots=True)
@@ -58,6 +62,9 @@ class Outbox:
         self._taken = asyncio.Event()  # set whenever items leave the queue
         self.closed: str | None = None  # why, once closed
         self.coalesced = 0
+        #: Set by the connection's write loop: see ``put``.
+        self.direct: Direct | None = None
+        self.direct_writes = 0
 
     @property
     def max_events(self) -> int:
@@ -68,6 +75,18 @@ class Outbox:
 
     def put(self, event: EventDict, raw: str | None = None) -> None:
         if self.closed is not None:
+            return
+        # Nothing queued and the write loop parked in get(): no write is under way, so the
+        # event may go out at once, in order, without waking that task (a task switch and
+        # aiohttp's write coroutines per event were most of the gateway's own CPU per token).
+        direct = self.direct
+        if (
+            direct is not None
+            and self._waiter is not None
+            and not self._items
+            and direct(Outgoing(event, raw))
+        ):
+            self.direct_writes += 1
             return
         last = self._items[-1] if self._items else None
         if (

@@ -7,9 +7,10 @@ import logging
 
 from aiohttp import web
 
+from gateway.direct_write import sse_writer
 from gateway.drain import DRAINING, SSE_RETRY_MS, drain_aware
 from gateway.errors import ApiError, error_event
-from gateway.outbox import SLOW_CONSUMER, STALLED, ClientStalled, Outbox, write_within
+from gateway.outbox import SLOW_CONSUMER, STALLED, ClientStalled, Outbox, Outgoing, write_within
 from gateway.state import GATEWAY, bearer, parse_position
 from gateway.subscription import UNAVAILABLE
 from shared.codec import dump_event
@@ -50,6 +51,10 @@ def _frame(event: EventDict, data: str) -> str:
     return f"id: {position.format()}\ndata: {data}\n\n"
 
 
+def _encoded(out: Outgoing) -> bytes:
+    return _frame(out.event, out.text()).encode()
+
+
 async def _end_for_drain(response: web.StreamResponse) -> None:
     """Send the client elsewhere: EventSource reconnects after ``retry`` with Last-Event-ID."""
     notice = error_event(DRAINING, "gateway draining: reconnect with Last-Event-ID to resume")
@@ -86,6 +91,8 @@ async def session_events(request: web.Request) -> web.StreamResponse:
         # Bounded: a client that stopped reading is cut on our clock, not when it reads again.
         await write_within(response.write(data), stall_s, request.transport, len(data))
 
+    # While the loop below is parked, live events are written from the hub's reader at once.
+    outbox.direct = sse_writer(response, request.transport, _encoded, client.written_directly)
     # Started beside the write loop: a long replay waits for this loop to send what it queued.
     starting = asyncio.create_task(subscription.start())
     starting.add_done_callback(lambda task: _start_failed(task, outbox, session_id))
@@ -121,6 +128,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, ConnectionError):
         pass
     finally:
+        outbox.direct = None
         gw.drain.discard(outbox)
         starting.cancel()
         client.closed()

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
+from gateway.direct_write import ws_writer
 from gateway.errors import ApiError, error_event, validated
 from gateway.outbox import SLOW_CONSUMER, STALLED, ClientStalled, write_within
 from gateway.requests import PromptRequest
@@ -225,6 +226,14 @@ class Connection:
     async def _write_loop(self) -> None:
         stall_s = self.gw.settings.client_stall_s
         transport = self.request.transport
+        # While this loop is parked, what is put in the outbox is written at once.
+        self.outbox.direct = ws_writer(self.ws, transport, self.metrics.written_directly)
+        try:
+            await self._write_queued(stall_s, transport)
+        finally:
+            self.outbox.direct = None
+
+    async def _write_queued(self, stall_s: float, transport: asyncio.Transport | None) -> None:
         while True:
             item = await self.outbox.get()
             if item is None:

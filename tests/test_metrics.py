@@ -93,6 +93,10 @@ async def test_gateway_metrics_after_a_job_over_ws_and_sse(settings: Settings) -
         for transport in ("ws", "sse"):
             delivered = value(samples, "tokenbus_events_delivered_total", transport=transport)
             assert delivered is not None and delivered > 0, transport
+            # Live deltas went straight from the pub/sub reader to the socket, and the clients
+            # above parsed them (their answers match): the direct path frames them correctly.
+            direct = value(samples, "tokenbus_events_written_direct_total", transport=transport)
+            assert direct is not None and 0 < direct <= delivered, transport
             drops = value(samples, "tokenbus_slow_client_drops_total", transport=transport)
             assert drops == 0
         assert (value(samples, "tokenbus_time_to_first_token_seconds_count") or 0) >= 1
