@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 
 from gateway.serve import serve
-from shared import logs
+from shared import collector, logs
 from shared.settings import Settings
 
 
@@ -28,9 +27,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
     )
-    # Everything imported so far lives as long as the process: the collector need not walk it
-    # again in every full collection (a long one pauses every stream).
-    gc.freeze()
+    collector.tune()
     asyncio.run(serve(settings))
 
 

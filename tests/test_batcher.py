@@ -7,12 +7,20 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.keys import Keys, Lease
 from shared.lease import Acquired, Leases
 from shared.protocol import Job
 from shared.stream.history import History
-from shared.stream.publish import SessionPublisher, StaleFence
+from shared.stream.publish import (
+    MAX_BATCHES_PER_CALL,
+    Batch,
+    Published,
+    SessionPublisher,
+    StaleFence,
+    encode_delta,
+)
 from workers.batcher import PublishBatcher
 from workers.engine import EngineDelta
 from workers.publisher import JobPublisher
@@ -107,3 +115,49 @@ async def test_closing_the_batcher_fails_whoever_waits(keys: Keys, redis: Redis)
     ((_, pub),) = publishers(batcher, 1, "closed")
     with pytest.raises(RuntimeError, match="closed"):
         await pub.start()
+
+
+async def evalsha_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_flush_is_one_script_call_and_one_bad_batch_fails_alone(
+    keys: Keys, redis: Redis
+) -> None:
+    sessions = SessionPublisher(redis, keys, history_maxlen=100, ttl_s=60)
+    ids = [f"sess-one-call-{i}" for i in range(5)]
+    await redis.set(keys.session_meta(ids[2]), "not a hash")  # WRONGTYPE for its HMGET
+    batches = [Batch(sid, [encode_delta("j", sid, 1, 0.0)]) for sid in ids]
+    await redis.config_resetstat()
+    results = await sessions.publish_many(batches)
+    assert await evalsha_calls(redis) == 1
+    assert isinstance(results[2], ResponseError) and "WRONGTYPE" in str(results[2])
+    for i in (0, 1, 3, 4):
+        published = results[i]
+        assert isinstance(published, Published) and published.offset == 1
+        events = await history(redis, keys, ids[i])
+        assert [e["delta"] for e in events] == [ids[i]]
+
+
+async def test_batches_are_grouped_by_slot_and_capped_per_call(keys: Keys, redis: Redis) -> None:
+    # On a cluster, a call may only touch one slot's keys: one call per slot in a flush.
+    by_parity = SessionPublisher(
+        redis, keys, history_maxlen=100, ttl_s=60, slot_of=lambda sid: int(sid[-1]) % 2
+    )
+    batches = [Batch(f"sess-slot-{i}", [encode_delta("j", "x", 1, 0.0)]) for i in range(6)]
+    await redis.config_resetstat()
+    results = await by_parity.publish_many(batches)
+    assert await evalsha_calls(redis) == 2
+    assert all(isinstance(r, Published) and r.offset == 1 for r in results)
+    # A flush past MAX_BATCHES_PER_CALL takes more calls; results stay in the batches' order.
+    one_node = SessionPublisher(redis, keys, history_maxlen=100, ttl_s=60)
+    many = MAX_BATCHES_PER_CALL + 10
+    batches = [Batch(f"sess-cap-{i % 7}", [encode_delta("j", str(i), 1, 0.0)]) for i in range(many)]
+    await redis.config_resetstat()
+    results = await one_node.publish_many(batches)
+    assert await evalsha_calls(redis) == 2
+    offsets: dict[str, int] = {}
+    for batch, result in zip(batches, results, strict=True):
+        offsets[batch.session_id] = offsets.get(batch.session_id, 0) + 1
+        assert isinstance(result, Published) and result.offset == offsets[batch.session_id]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -11,6 +10,7 @@ from collections.abc import Callable
 
 from prometheus_client import start_http_server
 
+from shared import collector
 from shared.logs import log, setup
 from shared.settings import Settings
 from workers.consumer import Worker
@@ -54,9 +54,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main() -> None:
     settings = Settings()
     setup(settings.log_level)
-    # Everything imported so far lives as long as the process: the collector need not walk it
-    # again in every full collection (a long one pauses every stream).
-    gc.freeze()
+    collector.tune()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
             runner.run(serve(settings))

@@ -3,16 +3,16 @@
 publish.lua stamps each event with the session's epoch and next offset, appends it to the
 history stream and PUBLISHes it; a job's own batches are fenced by its lease (``Fence``), so a
 worker whose job moved on publishes nothing more. ``publish_many`` sends many sessions' batches
-in one round trip: a pipeline of one script call per batch, each touching one session's keys
-(one hash tag, one cluster slot), so it stays correct when the keys are spread over a cluster.
+in one round trip and, on one Redis, in one script call; on a cluster (``slot_of``) one call per
+hash slot, since a script may only touch keys of one slot there.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from random import getrandbits
 from typing import Any
 
 import orjson
@@ -27,6 +27,11 @@ from shared.codec import AnyEvent, encode_event
 from shared.keys import Keys
 from shared.protocol import Delta
 from shared.scripts import load_script, pack_ids, script_source
+
+Arg = str | bytes
+#: Batches one script call carries at most: Redis runs nothing else while a script runs.
+MAX_BATCHES_PER_CALL = 256
+_NOT_SENT: Exception = RuntimeError("batch not sent")  # a placeholder every call overwrites
 
 
 @dataclass(slots=True)
@@ -99,6 +104,7 @@ class SessionPublisher:
         history_maxlen: int,
         ttl_s: int,
         calls: AutoPipeline | None = None,
+        slot_of: Callable[[str], int] | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -108,7 +114,9 @@ class SessionPublisher:
         self._source = script_source("stream/publish")
         # Given the worker's AutoPipeline, a flush shares its round trip with the bookkeeping
         # (leases, records, acks) issued in the same tick.
-        self._calls = calls
+        self._calls_via = calls
+        # On Redis Cluster: a session's hash slot (its keys share one), to group batches by.
+        self._slot_of = slot_of
 
     async def publish(
         self, session_id: str, events: Sequence[AnyEvent], *, job_id: str = "_", text: str = ""
@@ -145,8 +153,12 @@ class SessionPublisher:
             tokens=tokens,
             terminal=terminal,
         )
-        keys, args = self._call(batch)
-        return self._result(batch, await self._script(keys=keys, args=args))
+        keys, args = self._prologue()
+        self._add(batch, keys, args)
+        (reply,) = await self._script(keys=keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
+        return self._result(batch, reply)
 
     async def publish_many(self, batches: Sequence[Batch]) -> list[Published | Exception]:
         """Every batch in one round trip; each one's result, or the exception it alone met.
@@ -156,40 +168,67 @@ class SessionPublisher:
         """
         if not batches:
             return []
-        calls = [self._call(b) for b in batches]
-        replies = await self._send(calls)
+        calls = self._calls(batches)
+        replies = await self._send([(keys, args) for _, keys, args in calls])
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis lost its script cache (a restart): load it, then resend only those calls,
             # which did not run.
             self._script.sha = await self._redis.script_load(self._script.script)
             again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            for i, reply in zip(again, await self._send([calls[i] for i in again]), strict=True):
+            resent = await self._send([(calls[i][1], calls[i][2]) for i in again])
+            for i, reply in zip(again, resent, strict=True):
                 replies[i] = reply
-        results: list[Published | Exception] = []
-        for batch, reply in zip(batches, replies, strict=True):
-            if isinstance(reply, Exception):
-                results.append(reply)
+        results: list[Published | Exception] = [_NOT_SENT] * len(batches)
+        for (indices, _, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):  # the whole call failed: each of its batches did
+                for i in indices:
+                    results[i] = reply
                 continue
-            try:
-                results.append(self._result(batch, reply))
-            except (StaleFence, LostWrites) as exc:
-                results.append(exc)
+            for i, one in zip(indices, reply, strict=True):
+                results[i] = self._outcome(batches[i], one)
         return results
 
-    async def _send(self, calls: list[tuple[list[str], list[str | bytes]]]) -> list[object]:
+    def _calls(self, batches: Sequence[Batch]) -> list[tuple[list[int], list[str], list[Arg]]]:
+        """The script calls for ``batches``: (which batches, keys, args), in order.
+
+        A call holds many batches; on Redis Cluster only batches whose keys share a slot can
+        share a call, so with ``slot_of`` the batches are grouped by their session's slot.
+        """
+        groups: dict[int, tuple[list[int], list[str], list[Arg]]] = {}
+        slot_of = self._slot_of
+        for i, batch in enumerate(batches):
+            slot = 0 if slot_of is None else slot_of(batch.session_id)
+            group = groups.get(slot)
+            if group is None or len(group[0]) >= MAX_BATCHES_PER_CALL:
+                if group is not None:  # full: it goes as it is, a new one takes its place
+                    groups[-1 - i] = group
+                group = groups[slot] = ([], *self._prologue())
+            group[0].append(i)
+            self._add(batch, group[1], group[2])
+        return sorted(groups.values(), key=lambda call: call[0][0])
+
+    def _outcome(self, batch: Batch, reply: Any) -> Published | Exception:
+        if isinstance(reply, Exception):
+            return reply
+        try:
+            return self._result(batch, reply)
+        except (StaleFence, LostWrites) as exc:
+            return exc
+
+    async def _send(self, calls: list[tuple[list[str], list[Arg]]]) -> list[Any]:
         """One round trip of script calls; each call's reply or error reply, in order."""
-        if self._calls is not None:
-            return await self._auto(self._calls, calls)
+        if self._calls_via is not None:
+            return await self._auto(self._calls_via, calls)
         return await self._pipeline(calls)
 
     async def _auto(
-        self, auto: AutoPipeline, calls: list[tuple[list[str], list[str | bytes]]]
-    ) -> list[object]:
+        self, auto: AutoPipeline, calls: list[tuple[list[str], list[Arg]]]
+    ) -> list[Any]:
         # Futures straight from the autopipeline: a task per call (gather of coroutines) cost
-        # more than the call itself on a flush of hundreds.
+        # more than the call itself.
         sha = auto.sha(self._source)
         futures = [auto.call("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
-        replies: list[object] = await asyncio.gather(*futures, return_exceptions=True)
+        replies: list[Any] = await asyncio.gather(*futures, return_exceptions=True)
         for reply in replies:
             if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
                 raise reply  # nothing says which calls were applied: the caller sends them again
@@ -197,38 +236,46 @@ class SessionPublisher:
                 raise reply
         return replies
 
-    async def _pipeline(self, calls: list[tuple[list[str], list[str | bytes]]]) -> list[object]:
+    async def _pipeline(self, calls: list[tuple[list[str], list[Arg]]]) -> list[Any]:
         # EVALSHA queued directly: redis-py's script-aware pipeline asks SCRIPT EXISTS first,
         # a second round trip on every flush.
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-            replies: list[object] = await pipe.execute(raise_on_error=False)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
-    def _call(self, batch: Batch) -> tuple[list[str], list[str | bytes]]:
+    def _prologue(self) -> tuple[list[str], list[Arg]]:
+        return [], [self._maxlen, self._ttl]
+
+    def _add(self, batch: Batch, keys: list[str], args: list[Arg]) -> None:
+        """Append ``batch``'s 6 keys and its args to a call (publish.lua's layout)."""
         k, sid, job_id, fence = self._keys, batch.session_id, batch.job_id, batch.fence
-        keys = [
+        keys += (
             k.session_meta(sid),
             k.session_history(sid),
             k.session_channel(sid),
             k.job_text(sid, job_id),
             k.job_lease(sid, job_id),
             k.job_token_ids(sid, job_id),
-        ]
-        args: list[str | bytes] = [
-            secrets.token_hex(6),
-            self._maxlen,
-            self._ttl,
-            batch.text,
-            fence.token if fence is not None else "",
-            str(fence.seq + 1 if fence is not None else 0),
-            pack_ids(batch.token_ids) if fence is not None else b"",
-            str(batch.tokens if fence is not None else 0),
-            "1" if batch.terminal and fence is not None else "0",
-        ]
-        args.extend(batch.events)
-        return keys, args
+        )
+        # An epoch for the session should this batch start one; unique per session matters,
+        # not secrecy (no syscall per batch, as secrets would cost).
+        epoch = f"{getrandbits(48):012x}"
+        if fence is None:
+            args += (epoch, batch.text, "", "0", b"", "0", "0", str(len(batch.events)))
+        else:
+            args += (
+                epoch,
+                batch.text,
+                fence.token,
+                str(fence.seq + 1),
+                pack_ids(batch.token_ids),
+                str(batch.tokens),
+                "1" if batch.terminal else "0",
+                str(len(batch.events)),
+            )
+        args += batch.events
 
     def _result(self, batch: Batch, reply: Any) -> Published:
         status = codec.text(reply[0])
