@@ -10,8 +10,9 @@ began, and the window grows with the jobs open on the worker (up to ``max_window
 ``saturate_jobs``): an idle worker publishes at once, a busy one coalesces many jobs' batches
 into each round trip. Counting open jobs, not the jobs the last flush carried, matters when
 each job says little (1 token/s): a window sized by the last flush would stay near zero and
-every batch would pay a round trip of its own. Urgent batches (a job's start, its first token,
-its end) go first and wait a quarter of the window at most.
+every batch would pay a round trip of its own. Urgent batches (a job's end, a batch someone waits
+for) go first and wait a quarter of the window at most; a job's first token goes at once (time to
+first token is what users feel), taking whatever else is ready with it.
 Up to ``in_flight`` flushes overlap (the next is packed while Redis runs the last), but a job
 has at most one batch in flight, so its batches land in order.
 """
@@ -68,6 +69,7 @@ class PublishBatcher:
         self._flights: set[asyncio.Task[None]] = set()
         self._closed = False
         self._last_start = 0.0
+        self._at_once = False
         self.flushes = 0
         self.batches = 0
 
@@ -85,12 +87,14 @@ class PublishBatcher:
         """``source`` publishes on this worker until ``forget``: it counts towards the load."""
         self._open.add(source)
 
-    def ready(self, source: Source, *, urgent: bool = False) -> None:
-        """``source`` has something to publish; ``urgent``: in the very next flush."""
+    def ready(self, source: Source, *, urgent: bool = False, at_once: bool = False) -> None:
+        """``source`` has something to publish; ``urgent``: in the very next flush, which
+        ``at_once`` starts now (a job's first token), whatever the window."""
         if self._closed:
             raise RuntimeError("the worker's publisher is closed")
-        if urgent:
+        if urgent or at_once:
             self._urgent[source] = None
+            self._at_once = self._at_once or at_once
             self._hurry.set()
         else:
             self._ready[source] = None
@@ -130,7 +134,7 @@ class PublishBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            wait = self.window * (URGENT_SHARE if self._urgent else 1.0)
+            wait = 0.0 if self._at_once else self.window * (URGENT_SHARE if self._urgent else 1.0)
             delay = self._last_start + wait - loop.time()
             if delay > 0:
                 self._hurry.clear()
@@ -140,6 +144,7 @@ class PublishBatcher:
                 continue  # an urgent batch may have come: its shorter wait may be over
             # A free flight first, then the batches: what arrives while waiting goes in them.
             await self._slots.acquire()
+            self._at_once = False
             sources = [*self._urgent, *(s for s in self._ready if s not in self._urgent)]
             self._urgent.clear()
             self._ready.clear()

@@ -2,8 +2,9 @@
 
 The engine's deltas are buffered here and leave in the worker's next flush
 (``workers.batcher.PublishBatcher``), merged into one Delta per flush: a fast engine costs
-one script call per flush, not one per token. The start, the first token and the end are
-urgent: they go first in the next flush, which waits a quarter of the batcher's window at most.
+one script call per flush, not one per token. The first token goes at once, in a flush that
+starts now; the end is urgent: it goes first in the next flush, which waits a quarter of the
+batcher's window at most.
 
 Every batch is fenced by the job's lease (``shared.stream.publish.Fence``): a publisher whose
 job moved to another worker gets StaleFence and must stop. While Redis is unreachable the
@@ -100,7 +101,7 @@ class JobPublisher:
         # The first token alone, at once, and landed before the next is taken: time to first
         # token is what users feel.
         self._first_sent = True
-        await self._landing()
+        await self._landing(at_once=True)
 
     async def end(self, finish_reason: FinishReason, usage: Usage | None = None) -> None:
         """Publish what is buffered and StreamEnd, in one script call."""
@@ -188,11 +189,11 @@ class JobPublisher:
         self._queue(encode_event(event))
         await self._landing()
 
-    async def _landing(self) -> None:
+    async def _landing(self, *, at_once: bool = False) -> None:
         """Send what is queued in the next flush, urgently; return once it has landed."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self._batcher.ready(self)
+        self._batcher.ready(self, urgent=True, at_once=at_once)
         await waiter
 
     def _queue(self, event: str) -> None:

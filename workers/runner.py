@@ -145,7 +145,6 @@ class JobRunner:
                 owner=w.consumer,
                 entry_id=running.entry_id,
                 space=w.engine.token_space,
-                within=w.batcher.urgent_window,
             ),
             hold_s=settings.outage_hold_s,
         )
@@ -177,40 +176,29 @@ class JobRunner:
                     "deadline_exceeded", "the job's deadline passed before it could run"
                 )
                 return Outcome("failed", "deadline_exceeded")
-            cancelled = await mark_running(
-                w.calls,
-                w.keys,
-                job.id,
-                settings.job_ttl_s,
-                within=w.batcher.urgent_window,
-                worker=w.consumer,
-                entry_id=running.entry_id,
-                session_id=job.session_id,
-                model=settings.model,
-                attempts=lease.attempts,
-                started_at=time.time(),
+            # Sent now, awaited only before anything is published: the engine starts meanwhile
+            # (its first token takes far longer than this round trip), yet a job cancelled
+            # before it ran still publishes nothing but its end.
+            marking = asyncio.ensure_future(
+                mark_running(
+                    w.calls,
+                    w.keys,
+                    job.id,
+                    settings.job_ttl_s,
+                    worker=w.consumer,
+                    entry_id=running.entry_id,
+                    session_id=job.session_id,
+                    model=settings.model,
+                    attempts=lease.attempts,
+                    started_at=time.time(),
+                )
             )
-            if cancelled is not None or running.cancel_requested:
-                await pub.end("cancelled")
-                return Outcome("cancelled", "cancelled")
-            history = await w.conversations.load(job.session_id) if remembers else []
-            # A continued answer gets no second StreamStart: the client sees one answer.
-            if not progress.started:
-                await pub.start(attempt=lease.attempts - 1)
-            elif progress.tokens:
-                w.metrics.continued.inc()
-            log(
-                logger,
-                "job_started",
-                job_id=job.id,
-                session_id=job.session_id,
-                attempt=lease.attempts - 1,
-                fence=lease.fence.token,
-                continued_tokens=progress.tokens,
-                from_ids=progress.token_ids is not None and bool(progress.token_ids),
-                history=len(history),
-            )
-            return await self._stream(pub, progress, history)
+            try:
+                history = await w.conversations.load(job.session_id) if remembers else []
+            except BaseException:
+                await _settled(marking)
+                raise
+            return await self._stream(pub, progress, history, marking, lease.attempts)
         finally:
             await pub.aclose()
 
@@ -240,25 +228,62 @@ class JobRunner:
         )
         await self.w.conversations.remember(job.session_id, exchange)
 
+    async def _started(
+        self, pub: JobPublisher, progress: Progress, history: list[Exchange], attempts: int
+    ) -> None:
+        """The job runs: its StreamStart is queued (not for a continued answer: the client
+        sees one answer) and the start logged."""
+        w, job = self.w, self.job
+        if not progress.started:
+            await pub.start(attempt=attempts - 1)
+        elif progress.tokens:
+            w.metrics.continued.inc()
+        assert self.running.fence is not None
+        log(
+            logger,
+            "job_started",
+            job_id=job.id,
+            session_id=job.session_id,
+            attempt=attempts - 1,
+            fence=self.running.fence.token,
+            continued_tokens=progress.tokens,
+            from_ids=progress.token_ids is not None and bool(progress.token_ids),
+            history=len(history),
+        )
+
     async def _stream(
-        self, pub: JobPublisher, progress: Progress, history: list[Exchange]
+        self,
+        pub: JobPublisher,
+        progress: Progress,
+        history: list[Exchange],
+        marking: asyncio.Future[str | None],
+        attempts: int,
     ) -> Outcome:
         w, running, job = self.w, self.running, self.job
-        if running.cancel_requested:  # cancelled while the job was being set up
-            await pub.end("cancelled")
-            return Outcome("cancelled", "cancelled")
         first_token_s: float | None = None
         last_t: float | None = None  # engine time of the last token
         continued = bool(progress.tokens or progress.text)
         deltas: AsyncIterator[EngineDelta] | None = None
+        first: asyncio.Future[EngineDelta] | None = None  # the engine's first step, started early
         finished = False
         try:
             deltas = w.engine.generate(
                 job, prefix=progress.text, prefix_ids=progress.token_ids, history=history
             )
+            # The engine starts on its first step; the record says "running" meanwhile.
+            first = asyncio.ensure_future(anext(deltas))
+            cancelled_before = await marking
+            if cancelled_before is not None or running.cancel_requested:
+                # The engine is stopped below (the answer is not finished).
+                await pub.end("cancelled")
+                return Outcome("cancelled", "cancelled")
+            await self._started(pub, progress, history, attempts)
             while True:
                 try:
-                    delta = await anext(deltas)
+                    if first is not None:
+                        delta, first = await first, None
+                    else:
+                        delta = await anext(deltas)
                 except StopAsyncIteration:
                     log(logger, "engine_no_finish", logging.WARNING, job_id=job.id)
                     await pub.end("stop")
@@ -314,6 +339,9 @@ class JobRunner:
             await pub.error("engine_error", f"the engine failed: {exc}")
             return Outcome("failed", "engine_error", pub.published_tokens, first_token_s)
         finally:
+            await _settled(marking)
+            if first is not None:
+                await _settled(first)
             if not finished:
                 with contextlib.suppress(Exception):
                     await w.engine.abort(job.id)
@@ -384,3 +412,12 @@ class JobRunner:
             outcome.state, "job_finished"
         )
         log(logger, event, **fields)
+
+
+async def _settled(future: asyncio.Future[Any]) -> None:
+    """Cancel ``future`` (unless done) and wait for it to end; its outcome no longer matters."""
+    if not future.done():
+        future.cancel()
+        await asyncio.wait([future])  # a cancel of the caller itself still propagates
+    if not future.cancelled():
+        future.exception()  # retrieved, so it is not reported as never retrieved
