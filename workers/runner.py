@@ -176,15 +176,16 @@ class JobRunner:
                     "deadline_exceeded", "the job's deadline passed before it could run"
                 )
                 return Outcome("failed", "deadline_exceeded")
-            # Sent now, awaited only before anything is published: the engine starts meanwhile
-            # (its first token takes far longer than this round trip), yet a job cancelled
-            # before it ran still publishes nothing but its end.
+            # Awaited only before anything is published: the engine starts meanwhile (its first
+            # token takes longer than this write, which may ride a quarter window with another
+            # round trip), yet a job cancelled before it ran still publishes only its end.
             marking = asyncio.ensure_future(
                 mark_running(
                     w.calls,
                     w.keys,
                     job.id,
                     settings.job_ttl_s,
+                    within=w.batcher.urgent_window,
                     worker=w.consumer,
                     entry_id=running.entry_id,
                     session_id=job.session_id,
