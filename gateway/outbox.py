@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol
 
 from shared.codec import dump_event
 from shared.protocol import EventDict
@@ -27,9 +28,19 @@ SLOW_CONSUMER = "slow_consumer"
 STALLED = "stalled"
 _OVERHEAD = 96  # rough bytes of JSON around a delta's text
 
-#: Writes one event to the client at once, synchronously; False when it cannot without waiting
-#: (the transport's buffer is full, or it is closing): the event is queued as usual then.
-Direct = Callable[["Outgoing"], bool]
+
+class Direct(Protocol):
+    """Writes events to the client past the write loop (``gateway.direct_write``)."""
+
+    def write(self, out: Outgoing) -> bool:
+        """Take ``out`` for the client's socket; False when it cannot without waiting (the
+        transport's buffer is full, or it is closing): the event is queued as usual then."""
+
+    def flush(self) -> None:
+        """Send what was taken and not sent yet: the write loop writes after it."""
+
+    def detach(self) -> None:
+        """Flush, then take nothing more."""
 
 
 @dataclass(slots=True)
@@ -84,7 +95,7 @@ class Outbox:
             direct is not None
             and self._waiter is not None
             and not self._items
-            and direct(Outgoing(event, raw))
+            and direct.write(Outgoing(event, raw))
         ):
             self.direct_writes += 1
             return
@@ -138,11 +149,24 @@ class Outbox:
         self._wake()
         self._taken.set()
 
+    def detach_direct(self) -> None:
+        """The write loop is ending: what was written past it goes out now, then nothing."""
+        direct, self.direct = self.direct, None
+        if direct is not None:
+            direct.detach()
+
     async def get(self, wait_s: float | None = None) -> Outgoing | None:
-        """Next item; None when closed (and drained) or when ``wait_s`` passes first."""
-        while not self._items:
-            if self.closed is not None or not await self._wait(wait_s):
-                return None
+        """Next item; None when closed (and drained) or when ``wait_s`` passes first.
+
+        What was written past the caller meanwhile is sent first: whatever the caller writes
+        next goes after it."""
+        try:
+            while not self._items:
+                if self.closed is not None or not await self._wait(wait_s):
+                    return None
+        finally:
+            if self.direct is not None:
+                self.direct.flush()
         item = self._items.popleft()
         self._bytes -= item.size()
         self._taken.set()

@@ -92,7 +92,9 @@ async def session_events(request: web.Request) -> web.StreamResponse:
         await write_within(response.write(data), stall_s, request.transport, len(data))
 
     # While the loop below is parked, live events are written from the hub's reader at once.
-    outbox.direct = sse_writer(response, request.transport, _encoded, client.written_directly)
+    outbox.direct = sse_writer(
+        response, request.transport, _encoded, client.written_directly, gw.ticks
+    )
     # Started beside the write loop: a long replay waits for this loop to send what it queued.
     starting = asyncio.create_task(subscription.start())
     starting.add_done_callback(lambda task: _start_failed(task, outbox, session_id))
@@ -128,7 +130,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, ConnectionError):
         pass
     finally:
-        outbox.direct = None
+        outbox.detach_direct()
         gw.drain.discard(outbox)
         starting.cancel()
         client.closed()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.direct_write import TickWrites
 from gateway.drain import Drain
 from gateway.errors import ApiError, invalid_api_key, unauthorized
 from gateway.hub import Hub
@@ -34,6 +35,8 @@ class Gateway:
     secret: str
     metrics: GatewayMetrics
     drain: Drain = field(default_factory=Drain)
+    #: Direct writes to clients, sent once per socket at the end of each loop iteration.
+    ticks: TickWrites = field(default_factory=TickWrites)
 
     def authorize(self, session_id: str, token: str | None) -> None:
         if not tokens.verify(self.secret, session_id, token):

@@ -227,11 +227,13 @@ class Connection:
         stall_s = self.gw.settings.client_stall_s
         transport = self.request.transport
         # While this loop is parked, what is put in the outbox is written at once.
-        self.outbox.direct = ws_writer(self.ws, transport, self.metrics.written_directly)
+        self.outbox.direct = ws_writer(
+            self.ws, transport, self.metrics.written_directly, self.gw.ticks
+        )
         try:
             await self._write_queued(stall_s, transport)
         finally:
-            self.outbox.direct = None
+            self.outbox.detach_direct()
 
     async def _write_queued(self, stall_s: float, transport: asyncio.Transport | None) -> None:
         while True:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable
 from typing import Any
 
-from gateway.direct_write import text_frame
-from gateway.outbox import SLOW_CONSUMER, Outbox, Outgoing
+from gateway.direct_write import DirectWriter, TickWrites, text_frame
+from gateway.outbox import SLOW_CONSUMER, Outbox
+from shared.protocol import EventDict
 
 
 def delta(offset: int, text: str, job: str = "j") -> dict[str, Any]:
@@ -54,42 +57,60 @@ async def test_past_its_limit_the_outbox_closes_as_slow_consumer() -> None:
     assert by_bytes.closed == SLOW_CONSUMER
 
 
-async def test_an_event_put_while_the_writer_is_parked_is_written_at_once() -> None:
+class _Peer(asyncio.Protocol):
+    """The client's end of a real socket pair: what it received, in order."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+async def _socket_pair() -> tuple[asyncio.Transport, _Peer]:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    _, peer = await loop.create_connection(_Peer, sock=theirs)
+    return transport, peer
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+async def test_events_put_while_the_writer_is_parked_leave_in_one_send_per_tick() -> None:
+    transport, peer = await _socket_pair()
     box = Outbox(max_events=100, max_bytes=1 << 20)
-    written: list[str] = []
-    room = True
-
-    def direct(out: Outgoing) -> bool:
-        if room:
-            written.append(out.text())
-        return room
-
-    box.direct = direct
-    box.put(delta(1, "a"), raw="raw1")  # nobody waits in get(): queued
-    assert written == [] and len(box) == 1
+    sent: list[EventDict] = []
+    box.direct = DirectWriter(transport, lambda o: o.text().encode(), sent.append, TickWrites())
+    box.put(delta(1, "a"), raw="<1>")  # nobody waits in get(): queued for the write loop
+    assert len(box) == 1 and sent == []
     first = await box.get(0.1)
-    assert first is not None and first.text() == "raw1"
-    getter = asyncio.ensure_future(box.get(1.0))
-    await asyncio.sleep(0)  # the writer parks in get()
-    box.put(delta(2, "b"), raw="raw2")
-    assert written == ["raw2"] and len(box) == 0 and not getter.done()
-    room = False  # the socket's buffer is full: queued, and the writer woken
-    box.put(delta(3, "c"), raw="raw3")
+    assert first is not None and first.text() == "<1>"
+    getter = asyncio.ensure_future(box.get(5.0))
+    await asyncio.sleep(0)  # the write loop parks in get()
+    box.put(delta(2, "b"), raw="<2>")
+    box.put(delta(3, "c"), raw="<3>")
+    # Taken past the write loop, not woken, and nothing sent before the tick ends...
+    assert len(box) == 0 and not getter.done() and box.direct_writes == 2
+    assert [e["offset"] for e in sent] == [2, 3] and transport.get_write_buffer_size() == 0
+    await _until(lambda: peer.data == b"<2><3>")  # ...then both together, in order
+    # Refused (the writer is detached): queued, and the loop woken; what the direct writer
+    # holds always goes before what the loop writes next.
+    box.put(delta(4, "d"), raw="<4>")  # taken, not yet sent
+    assert isinstance(box.direct, DirectWriter)
+    box.direct._detached = True  # as a closing response's writer refuses
+    box.put(delta(5, "e"), raw="<5>")
     got = await getter
-    assert got is not None and got.text() == "raw3"
-    assert box.direct_writes == 1
-    # While the writer is busy (not parked in get()), events queue behind what it writes.
-    room = True
-    box.put(delta(4, "d"), raw="raw4")
-    assert written == ["raw2"] and len(box) == 1
-    getter = asyncio.ensure_future(box.get(1.0))
-    await asyncio.sleep(0)
-    assert getter.done() and (await getter) is not None
-    getter = asyncio.ensure_future(box.get(1.0))
-    await asyncio.sleep(0)
-    box.put(delta(5, "e"), raw="raw5")
-    assert written == ["raw2", "raw5"] and box.direct_writes == 2
-    getter.cancel()
+    assert got is not None and got.text() == "<5>" and peer.data.endswith(b"<3>")
+    transport.write(got.text().encode())  # the write loop's own write
+    await _until(lambda: peer.data == b"<2><3><4><5>")
+    transport.close()
 
 
 def test_websocket_text_frames_carry_their_length_as_rfc_6455_says() -> None:
