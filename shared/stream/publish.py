@@ -194,18 +194,18 @@ class SessionPublisher:
         A call holds many batches; on Redis Cluster only batches whose keys share a slot can
         share a call, so with ``slot_of`` the batches are grouped by their session's slot.
         """
-        groups: dict[int, tuple[list[int], list[str], list[Arg]]] = {}
+        calls: list[tuple[list[int], list[str], list[Arg]]] = []
+        filling: dict[int, tuple[list[int], list[str], list[Arg]]] = {}  # per slot
         slot_of = self._slot_of
         for i, batch in enumerate(batches):
             slot = 0 if slot_of is None else slot_of(batch.session_id)
-            group = groups.get(slot)
-            if group is None or len(group[0]) >= MAX_BATCHES_PER_CALL:
-                if group is not None:  # full: it goes as it is, a new one takes its place
-                    groups[-1 - i] = group
-                group = groups[slot] = ([], *self._prologue())
-            group[0].append(i)
-            self._add(batch, group[1], group[2])
-        return sorted(groups.values(), key=lambda call: call[0][0])
+            call = filling.get(slot)
+            if call is None or len(call[0]) >= MAX_BATCHES_PER_CALL:
+                call = filling[slot] = ([], *self._prologue())
+                calls.append(call)
+            call[0].append(i)
+            self._add(batch, call[1], call[2])
+        return calls
 
     def _outcome(self, batch: Batch, reply: Any) -> Published | Exception:
         if isinstance(reply, Exception):
